@@ -1,0 +1,63 @@
+"""Redis clients and the translation of redis-py errors into the public ones."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from actors.exceptions import BackpressureException, QueueConnectionException
+from config.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: How long a client keeps retrying a command whose connection broke.
+RETRIES = 4
+
+
+def create_client(settings: Settings, *, max_connections: int | None = None) -> Redis:
+    """A client for ``[redis] url`` that retries lost connections with jittered backoff.
+
+    Retrying is safe for every script: enqueue and complete are idempotent by
+    request id and lease, and a claim whose reply was lost only leaves a lease
+    that expires and is requeued.
+    """
+    return Redis.from_url(
+        settings.redis.url,
+        max_connections=max_connections,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES),
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+        socket_connect_timeout=5,
+        socket_timeout=15,
+        socket_keepalive=True,
+        health_check_interval=30,
+        decode_responses=False,
+    )
+
+
+def is_oom(error: redis_errors.ResponseError) -> bool:
+    return str(error).startswith("OOM")
+
+
+@asynccontextmanager
+async def translated_errors() -> AsyncIterator[None]:
+    """Turn redis-py errors into the contract's exceptions.
+
+    A Redis at ``maxmemory`` refuses writes with an OOM error: that is
+    reported as backpressure (retry later), never as a crash.
+    """
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        logger.warning("Redis 연결 실패: %s", exc)
+        raise QueueConnectionException(f"Redis is unreachable: {exc}") from exc
+    except redis_errors.ResponseError as exc:
+        if is_oom(exc):
+            logger.warning("Redis 메모리 한도 도달, 요청 거부: %s", exc)
+            raise BackpressureException(1.0, "Redis is at maxmemory") from exc
+        raise

@@ -1,0 +1,70 @@
+"""The Redis key schema: the one place that knows how keys are named.
+
+Every key of one queue lives under ``<prefix>:{<queue>}:``. The braces are a
+Redis Cluster hash tag, so all of a queue's keys share one slot and a Lua
+script may touch any of them. Scripts receive the prefixes of per-task and
+per-worker keys (``task_prefix``, ``worker_prefix``) and append the id
+themselves; nothing else formats a key string.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class KeySpace:
+    """Names of every key and channel of one queue."""
+
+    __slots__ = (
+        "base",
+        "dead",
+        "delayed",
+        "done_prefix",
+        "events",
+        "governor_lock",
+        "pending",
+        "reaper_lock",
+        "running",
+        "seq",
+        "stats",
+        "task_prefix",
+        "wake",
+        "worker_prefix",
+        "workers",
+    )
+
+    def __init__(self, prefix: str, queue: str = "default") -> None:
+        for field, value in (("redis.key_prefix", prefix), ("queue", queue)):
+            if not _NAME.match(value):
+                raise ValueError(f"{field} must match {_NAME.pattern}, got {value!r}")
+        base = f"{prefix}:{{{queue}}}:"
+        self.base = base
+        self.pending = base + "pending"  # zset: id -> -priority * 1e12 + sequence
+        self.running = base + "running"  # zset: id -> lease deadline (ms)
+        self.delayed = base + "delayed"  # zset: id -> due time of a retry (ms)
+        self.dead = base + "dead"  # zset: id -> time dead-lettered (ms)
+        self.seq = base + "seq"  # string: FIFO sequence counter
+        self.stats = base + "stats"  # hash: monotonic counters
+        self.workers = base + "workers"  # zset: worker id -> last heartbeat (ms)
+        self.task_prefix = base + "task:"  # hash per task
+        self.worker_prefix = base + "worker:"  # hash per worker
+        self.reaper_lock = base + "lock:reaper"
+        self.governor_lock = base + "lock:governor"
+        self.events = base + "events"  # channel: JSON events
+        self.done_prefix = base + "done:"  # channel per task: its final response
+        self.wake = base + "wake"  # channel: tasks became claimable
+
+    def task(self, request_id: str) -> str:
+        return self.task_prefix + request_id
+
+    def worker(self, worker_id: str) -> str:
+        return self.worker_prefix + worker_id
+
+    def done(self, request_id: str) -> str:
+        return self.done_prefix + request_id
+
+    def script_context(self) -> list[str]:
+        """The ARGV[1..4] every Lua script starts with (see lua/_lib.lua)."""
+        return [self.task_prefix, self.events, self.done_prefix, self.wake]

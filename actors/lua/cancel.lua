@@ -1,0 +1,28 @@
+-- cancel: stop a task that has not finished.
+--
+-- KEYS[1] pending  zset
+-- KEYS[2] delayed  zset
+-- KEYS[3] running  zset
+-- KEYS[4] stats    hash of monotonic counters
+-- ARGV[5] request id
+-- ARGV[6] reason
+-- ARGV[7] result ttl in ms
+--
+-- A running task is cancelled at once in Redis; its worker learns it at its
+-- next lease renewal (renew reports the lease lost) and its late result is
+-- refused by the fencing check.
+-- Returns 1 if cancelled, 0 if the task is unknown or already finished.
+
+local id, reason, ttl_ms = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local status = redis.call('HGET', PREFIX .. id, 'status')
+if status ~= 'pending' and status ~= 'retrying' and status ~= 'running' then
+  return 0
+end
+local now = now_ms()
+redis.call('ZREM', KEYS[1], id)
+redis.call('ZREM', KEYS[2], id)
+redis.call('ZREM', KEYS[3], id)
+finish(id, 'cancelled', nil, reason, nil, now, ttl_ms)
+redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
+emit('task.cancelled', now, {request_id = id, reason = reason})
+return 1

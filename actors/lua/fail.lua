@@ -1,0 +1,60 @@
+-- fail: a leased task's attempt failed; retry it later or dead-letter it.
+--
+-- KEYS[1] running  zset id -> lease deadline
+-- KEYS[2] delayed  zset id -> due time
+-- KEYS[3] dead     zset id -> time it was dead-lettered
+-- KEYS[4] stats    hash of monotonic counters
+-- ARGV[5]  worker id
+-- ARGV[6]  request id
+-- ARGV[7]  attempt (fencing token)
+-- ARGV[8]  error text
+-- ARGV[9]  permanent: 1 = no retry (unknown script, invalid task), 0 = retry if allowed
+-- ARGV[10] retry_backoff ms (delay before the first retry)
+-- ARGV[11] retry_backoff_max ms
+-- ARGV[12] jitter, a client-drawn number in [0, 1): the delay is scaled by 0.75 .. 1.25
+-- ARGV[13] result ttl in ms
+--
+-- The delay before retry k (k = attempt) is min(max, backoff * 2^(k-1)) with
+-- jitter, measured on the Redis clock. Retries are allowed while
+-- attempt <= max_retries, so a task runs at most max_retries + 1 times.
+-- Every failure appends {attempt, error, worker, at} to the task's history
+-- (the last 20 kept).
+--
+-- Returns {code, delay_ms}: code 1 retrying, 2 dead-lettered, 0 refused
+-- (lease not held).
+
+local worker, id, attempt, err = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local permanent = ARGV[9] == '1'
+local backoff, backoff_max = tonumber(ARGV[10]), tonumber(ARGV[11])
+local jitter, ttl_ms = tonumber(ARGV[12]), tonumber(ARGV[13])
+
+if not holds_lease(id, worker, attempt) then
+  return {0, 0}
+end
+local now = now_ms()
+local key = PREFIX .. id
+local history = cjson.decode(redis.call('HGET', key, 'history') or '[]')
+history[#history + 1] = {attempt = tonumber(attempt), error = err, worker = worker, at = now / 1000}
+if #history > 20 then
+  table.remove(history, 1)
+end
+redis.call('HSET', key, 'history', cjson.encode(history), 'error', err)
+redis.call('ZREM', KEYS[1], id)
+
+local max_retries = tonumber(redis.call('HGET', key, 'max_retries'))
+if permanent or tonumber(attempt) > max_retries then
+  redis.call('ZADD', KEYS[3], now, id)
+  finish(id, 'failed', nil, err, nil, now, ttl_ms)
+  redis.call('HINCRBY', KEYS[4], 'failed', 1)
+  emit('task.failed', now, {request_id = id, worker_id = worker, attempt = tonumber(attempt), error = err})
+  return {2, 0}
+end
+
+local delay = math.min(backoff_max, backoff * 2 ^ (tonumber(attempt) - 1))
+delay = math.floor(math.min(backoff_max, delay * (0.75 + 0.5 * jitter)))
+redis.call('HSET', key, 'status', 'retrying')
+redis.call('ZADD', KEYS[2], now + delay, id)
+redis.call('HINCRBY', KEYS[4], 'retried', 1)
+emit('task.retrying', now,
+  {request_id = id, worker_id = worker, attempt = tonumber(attempt), error = err, delay = delay / 1000})
+return {1, delay}

@@ -1,0 +1,43 @@
+-- release: a worker hands leased tasks back without burning an attempt
+-- (drain on shutdown, or a script that was rate limited by the site).
+--
+-- KEYS[1] running  zset id -> lease deadline
+-- KEYS[2] pending  zset id -> priority/FIFO score
+-- KEYS[3] delayed  zset id -> due time
+-- KEYS[4] stats    hash of monotonic counters
+-- ARGV[5] worker id
+-- ARGV[6] delay in ms: 0 = claimable at once (pending), else retry later (delayed)
+-- ARGV[7] reason (for the event), e.g. "drain", "rate_limited"
+-- ARGV[8] number of leases n, then n pairs: request_id, attempt
+--
+-- A task keeps its original place in the queue (its stored score).
+-- Returns the number of tasks handed back (leases not held are skipped).
+
+local worker, delay, reason, n = ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local now = now_ms()
+local released = 0
+for i = 1, n do
+  local id, attempt = ARGV[8 + 2 * i - 1], ARGV[8 + 2 * i]
+  if holds_lease(id, worker, attempt) then
+    local key = PREFIX .. id
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HINCRBY', key, 'attempt', -1)
+    redis.call('HDEL', key, 'worker')
+    if delay > 0 then
+      redis.call('HSET', key, 'status', 'retrying')
+      redis.call('ZADD', KEYS[3], now + delay, id)
+    else
+      redis.call('HSET', key, 'status', 'pending')
+      redis.call('ZADD', KEYS[2], redis.call('HGET', key, 'score'), id)
+    end
+    emit('task.requeued', now, {request_id = id, worker_id = worker, reason = reason})
+    released = released + 1
+  end
+end
+if released > 0 then
+  redis.call('HINCRBY', KEYS[4], 'requeued', released)
+  if delay == 0 then
+    redis.call('PUBLISH', WAKE, released)
+  end
+end
+return released

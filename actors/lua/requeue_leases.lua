@@ -1,0 +1,57 @@
+-- requeue_leases: take back tasks whose worker is gone.
+--
+-- KEYS[1] running  zset id -> lease deadline
+-- KEYS[2] pending  zset id -> priority/FIFO score
+-- KEYS[3] dead     zset id -> time it was dead-lettered
+-- KEYS[4] stats    hash of monotonic counters
+-- ARGV[5] selector: "expired" (leases past their deadline, by the Redis
+--         clock) or "worker" (every lease of the worker named in ARGV[6],
+--         which its supervisor saw die: no need to wait for expiry)
+-- ARGV[6] worker id (selector "worker") or the most leases to take (selector "expired")
+-- ARGV[7] result ttl in ms
+--
+-- The lost attempt counts toward max_retries, so a poison task that kills
+-- its worker every time ends in the dead-letter queue.
+-- Returns {requeued, dead_lettered}.
+
+local selector, ttl_ms = ARGV[5], tonumber(ARGV[7])
+local now = now_ms()
+local ids = {}
+if selector == 'expired' then
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
+else
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if redis.call('HGET', PREFIX .. id, 'worker') == ARGV[6] then
+      ids[#ids + 1] = id
+    end
+  end
+end
+
+local requeued, dead = 0, 0
+for _, id in ipairs(ids) do
+  local key = PREFIX .. id
+  redis.call('ZREM', KEYS[1], id)
+  local f = redis.call('HMGET', key, 'status', 'attempt', 'max_retries', 'worker', 'score')
+  if f[1] == 'running' then
+    local err = 'worker lost: lease of attempt ' .. f[2] .. ' was not renewed'
+    if tonumber(f[2]) > tonumber(f[3]) then
+      redis.call('ZADD', KEYS[3], now, id)
+      redis.call('HSET', key, 'error', err)
+      finish(id, 'failed', nil, err, nil, now, ttl_ms)
+      redis.call('HINCRBY', KEYS[4], 'failed', 1)
+      emit('task.failed', now, {request_id = id, worker_id = f[4], attempt = tonumber(f[2]), error = err})
+      dead = dead + 1
+    else
+      redis.call('HSET', key, 'status', 'pending', 'error', err)
+      redis.call('HDEL', key, 'worker')
+      redis.call('ZADD', KEYS[2], f[5], id)
+      emit('task.requeued', now, {request_id = id, worker_id = f[4], reason = 'lease_expired'})
+      requeued = requeued + 1
+    end
+  end
+end
+if requeued > 0 then
+  redis.call('HINCRBY', KEYS[4], 'requeued', requeued)
+  redis.call('PUBLISH', WAKE, requeued)
+end
+return {requeued, dead}

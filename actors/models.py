@@ -1,0 +1,108 @@
+"""The task and response models of the public API.
+
+A ``ScrapingRequest`` that breaks a rule raises :class:`InvalidTaskException`
+naming the field, already at construction; nothing reaches Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from actors.exceptions import InvalidTaskException
+
+#: Request ids end up in key names: a safe charset and length only.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SCRIPT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_PRIORITY = 1000  # |priority| bound: keeps the queue score exact in a double
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def invalid_from(exc: ValidationError) -> InvalidTaskException:
+    """The first validation error as the contract's exception, naming the field."""
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "request"
+    return InvalidTaskException(field, first["msg"])
+
+
+def ensure_json(value: Any, field: str) -> str:
+    """Serialize ``value`` as strict JSON (no NaN, no pickle-only types)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTaskException(field, f"is not JSON-serializable: {exc}") from None
+
+
+class ScrapingRequest(BaseModel):
+    """One scraping task as the Gateway submits it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str = Field(default_factory=_new_id, pattern=REQUEST_ID_PATTERN)
+    script_name: str = Field(pattern=SCRIPT_NAME_PATTERN)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    script_version: str | None = Field(default=None, max_length=64)
+    timeout: float = Field(default=300, gt=0, le=7 * 86400)
+    priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    max_retries: int = Field(default=3, ge=0, le=100)
+    expires_in: float | None = Field(default=None, gt=0)
+    rate_key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
+    created_at: datetime = Field(default_factory=_utcnow)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise invalid_from(exc) from None
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_are_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        ensure_json(value, "parameters")
+        return value
+
+    @field_validator("timeout", "expires_in")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class ScrapingResponse(BaseModel):
+    """The outcome of a task, as stored in Redis and returned to waiters."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: str
+    status: TaskStatus
+    data: Any = None
+    error: str | None = None
+    execution_time: float | None = None
+    completed_at: datetime | None = None

@@ -1,0 +1,401 @@
+"""The public queue API: ``RedisQueue``, ``TaskManager`` and ``WorkerMonitor``.
+
+Gateway side: ``enqueue_task`` / ``enqueue_many``, ``wait_for_response``,
+``cancel_task``. Worker side: ``dequeue_task`` and
+``TaskManager.complete_task``. Every state change runs in one Lua script
+(``actors/store.py``); these classes validate input and translate results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from actors.connection import create_client, translated_errors
+from actors.exceptions import (
+    InvalidTaskException,
+    QueueConnectionException,
+    TaskTimeoutException,
+)
+from actors.keys import KeySpace
+from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus, ensure_json
+from actors.store import Completion, EnqueueItem, FailOutcome, Lease, TaskStore
+from actors.waiters import ResponseHub
+from actors.wakeup import Wakeup
+from config.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Tasks per enqueue script call in ``enqueue_many``; each chunk is all or nothing.
+ENQUEUE_CHUNK = 500
+
+
+class RedisQueue:
+    """A connection to one queue in Redis."""
+
+    def __init__(self, settings: Settings, queue: str = "default") -> None:
+        self.settings = settings
+        self.keys = KeySpace(settings.redis.key_prefix, queue)
+        self._client: Redis | None = None
+        self._store: TaskStore | None = None
+        self._hub: ResponseHub | None = None
+        self._wakeup: Wakeup | None = None
+        # Leases this instance handed out through dequeue_task: request id ->
+        # (worker id, attempt), the fencing token complete_task reports with.
+        self.leases: dict[str, tuple[str, int]] = {}
+
+    async def connect(self) -> None:
+        if self._client is not None:
+            return
+        client = create_client(self.settings)
+        async with translated_errors():
+            await client.ping()
+        self._client = client
+        self._store = TaskStore(client, self.keys, self.settings)
+        self._hub = ResponseHub(client, self.keys, self.read_response)
+
+    async def close(self) -> None:
+        if self._hub is not None:
+            await self._hub.close()
+        if self._wakeup is not None:
+            await self._wakeup.close()
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = self._store = self._hub = self._wakeup = None
+
+    async def __aenter__(self) -> RedisQueue:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def client(self) -> Redis:
+        if self._client is None:
+            raise QueueConnectionException("RedisQueue is not connected: call connect() first")
+        return self._client
+
+    @property
+    def store(self) -> TaskStore:
+        if self._store is None:
+            raise QueueConnectionException("RedisQueue is not connected: call connect() first")
+        return self._store
+
+    # -- Gateway side ---------------------------------------------------------
+
+    def prepare(self, request: ScrapingRequest) -> EnqueueItem:
+        """Apply the configured defaults and check the size limit."""
+        tasks = self.settings.tasks
+        defaults: dict[str, Any] = {}
+        if "timeout" not in request.model_fields_set:
+            defaults["timeout"] = tasks.default_timeout
+        if "max_retries" not in request.model_fields_set:
+            defaults["max_retries"] = tasks.max_retries
+        if defaults:
+            request = request.model_copy(update=defaults)
+        payload = request.model_dump_json()
+        size = len(payload.encode())
+        if size > tasks.max_payload_bytes:
+            raise InvalidTaskException(
+                "parameters",
+                f"request is {size} bytes, over max_payload_bytes={tasks.max_payload_bytes}",
+            )
+        expires_ms = int(request.expires_in * 1000) if request.expires_in else 0
+        return EnqueueItem(
+            request.request_id, payload, request.priority, request.max_retries, expires_ms
+        )
+
+    async def enqueue_task(self, request: ScrapingRequest) -> str:
+        """Store one task; returns its request id.
+
+        Enqueuing the very same request twice is harmless (idempotent); a
+        different request with a used id raises ``DuplicateTaskException``.
+        """
+        await self.store.enqueue([self.prepare(request)])
+        return request.request_id
+
+    async def enqueue_many(self, requests: Sequence[ScrapingRequest]) -> list[str]:
+        """Store many tasks in chunks of ``ENQUEUE_CHUNK``, each chunk all or nothing.
+
+        Every request is validated before anything is written.
+        """
+        items = [self.prepare(request) for request in requests]
+        for start in range(0, len(items), ENQUEUE_CHUNK):
+            await self.store.enqueue(items[start : start + ENQUEUE_CHUNK])
+        return [item.request_id for item in items]
+
+    async def read_response(self, request_id: str) -> bytes | None:
+        """The stored response JSON of a finished task, else None."""
+        async with translated_errors():
+            response: Any = await self.client.hget(self.keys.task(request_id), "response")
+        return cast(bytes | None, response)
+
+    async def wait_for_response(self, request_id: str, timeout: float) -> ScrapingResponse:
+        """Wait (push-based) for the task's final response.
+
+        Raises ``TaskTimeoutException`` if it does not finish within ``timeout``.
+        """
+        if self._hub is None:
+            raise QueueConnectionException("RedisQueue is not connected: call connect() first")
+        raw = await self._hub.wait(request_id, timeout)
+        if raw is None:
+            raise TaskTimeoutException(request_id, timeout)
+        return ScrapingResponse.model_validate_json(raw)
+
+    async def cancel_task(self, request_id: str) -> bool:
+        """Cancel a pending, retrying or running task; False if it already finished."""
+        return await self.store.cancel(request_id)
+
+    # -- Worker side ----------------------------------------------------------
+
+    async def dequeue_task(self, worker_id: str, timeout: float = 5.0) -> ScrapingRequest | None:
+        """Lease the next task to ``worker_id``, waiting up to ``timeout`` for one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            claim = await self.store.claim(worker_id, 1)
+            for lease in claim.leases:
+                request = await self.decode_lease(worker_id, lease)
+                if request is not None:
+                    self.leases[request.request_id] = (worker_id, lease.attempt)
+                    return request
+            if claim.leases:
+                continue  # the one claimed was a broken record: try the next
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if claim.wait_ms >= 0:
+                remaining = min(remaining, claim.wait_ms / 1000)
+            if self._wakeup is None:
+                self._wakeup = Wakeup(self.client, self.keys.wake)
+            await self._wakeup.wait(remaining)
+
+    async def decode_lease(self, worker_id: str, lease: Lease) -> ScrapingRequest | None:
+        """The request of a lease; a corrupt record is dead-lettered, not crashed on."""
+        try:
+            return ScrapingRequest.model_validate_json(lease.request_json)
+        except (InvalidTaskException, ValueError) as exc:
+            logger.error("작업 %s 의 저장된 요청이 손상됨, 격리함: %s", lease.request_id, exc)
+            await self.store.fail(
+                worker_id,
+                lease.request_id,
+                lease.attempt,
+                f"invalid task record: {exc}",
+                permanent=True,
+            )
+            return None
+
+
+class TaskManager:
+    """Outcomes, status, retention and the dead-letter queue."""
+
+    def __init__(self, redis_queue: RedisQueue) -> None:
+        self.queue = redis_queue
+
+    async def complete_task(self, response: ScrapingResponse) -> bool:
+        """Record a task's outcome; returns False if the report was refused.
+
+        A ``failed`` response is retried with backoff until ``max_retries``,
+        then dead-lettered. The report is fenced by the lease this process got
+        from ``dequeue_task``; a report for a lease taken over since (the task
+        was redelivered after this worker stalled) is refused and logged.
+        """
+        queue = self.queue
+        lease = queue.leases.pop(response.request_id, None) or await self._current_lease(
+            response.request_id
+        )
+        if lease is None:
+            logger.warning("작업 %s 는 실행 중이 아니어서 결과를 거부함", response.request_id)
+            return False
+        worker_id, attempt = lease
+        if response.status is TaskStatus.COMPLETED:
+            data_json = ensure_json(response.data, "data")
+            limit = queue.settings.tasks.max_result_bytes
+            if len(data_json.encode()) <= limit:
+                completion = Completion(
+                    response.request_id, attempt, data_json, response.execution_time or 0.0
+                )
+                (accepted,) = await queue.store.complete(worker_id, [completion])
+                if not accepted:
+                    logger.warning(
+                        "작업 %s 시도 %d 의 임대가 만료되어 완료 보고를 거부함",
+                        response.request_id,
+                        attempt,
+                    )
+                return accepted
+            error = (
+                f"result is {len(data_json.encode())} bytes, over max_result_bytes={limit}: "
+                "store big data elsewhere and return a reference"
+            )
+            outcome, _ = await queue.store.fail(
+                worker_id, response.request_id, attempt, error, permanent=True
+            )
+            return outcome is not FailOutcome.REFUSED
+        if response.status is TaskStatus.CANCELLED:
+            return await queue.cancel_task(response.request_id)
+        outcome, _ = await queue.store.fail(
+            worker_id,
+            response.request_id,
+            attempt,
+            response.error or f"task reported status {response.status}",
+            permanent=False,
+        )
+        return outcome is not FailOutcome.REFUSED
+
+    async def _current_lease(self, request_id: str) -> tuple[str, int] | None:
+        """The lease of a running task dequeued by another process (unfenced report)."""
+        async with translated_errors():
+            fields: Any = await self.queue.client.hmget(
+                self.queue.keys.task(request_id), ["status", "worker", "attempt"]
+            )
+        status, worker, attempt = fields
+        if status != b"running" or worker is None or attempt is None:
+            return None
+        return worker.decode(), int(attempt)
+
+    async def get_task_status(self, request_id: str) -> TaskStatus | None:
+        """The task's status in O(1), or None if it does not exist."""
+        async with translated_errors():
+            status: Any = await self.queue.client.hget(self.queue.keys.task(request_id), "status")
+        return None if status is None else TaskStatus(status.decode())
+
+    async def get_response(self, request_id: str) -> ScrapingResponse | None:
+        """The final response of a finished task, else None."""
+        raw = await self.queue.read_response(request_id)
+        return None if raw is None else ScrapingResponse.model_validate_json(raw)
+
+    async def get_task(self, request_id: str) -> dict[str, Any] | None:
+        """Everything stored about one task (for operators), or None."""
+        async with translated_errors():
+            record: Any = await self.queue.client.hgetall(self.queue.keys.task(request_id))
+        return decode_record(record) if record else None
+
+    async def cleanup_old_tasks(self) -> int:
+        """Drop dead letters older than ``result_ttl``; returns how many.
+
+        Completed, failed and cancelled records expire on their own after
+        ``result_ttl`` (a Redis TTL set when they finish).
+        """
+        removed, _ = await self.queue.store.cleanup()
+        return removed
+
+    async def list_dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead letters: request, last error, attempt history."""
+        keys = self.queue.keys
+        async with translated_errors():
+            ids: list[bytes] = cast(
+                list[bytes], await self.queue.client.zrevrange(keys.dead, 0, max(0, limit - 1))
+            )
+            pipe = self.queue.client.pipeline(transaction=False)
+            for request_id in ids:
+                pipe.hgetall(keys.task(request_id.decode()))
+            records = await pipe.execute()
+        return [
+            decode_record(record) | {"request_id": rid.decode()}
+            for rid, record in zip(ids, records, strict=True)
+            if record
+        ]
+
+    async def requeue_dead_letter(self, request_id: str) -> bool:
+        """Give a dead letter a fresh set of attempts; False if it is not one."""
+        return await self.queue.store.dlq_requeue([request_id]) == 1
+
+    async def requeue_all_dead_letters(self) -> int:
+        return await self.queue.store.dlq_requeue(None)
+
+    async def purge_dead_letters(self) -> int:
+        return await self.queue.store.dlq_purge()
+
+    async def queue_stats(self) -> dict[str, int]:
+        """Counts per state: current depths and monotonic totals."""
+        keys = self.queue.keys
+        async with translated_errors():
+            pipe = self.queue.client.pipeline(transaction=False)
+            for key in (keys.pending, keys.running, keys.delayed, keys.dead):
+                pipe.zcard(key)
+            pipe.hgetall(keys.stats)
+            pending, running, retrying, dead, totals = await pipe.execute()
+        counters = {k.decode(): int(v) for k, v in totals.items()}
+        return {
+            "pending": pending,
+            "running": running,
+            "retrying": retrying,
+            "completed": counters.get("completed", 0),
+            "failed": counters.get("failed", 0),
+            "dead_letter": dead,
+            "cancelled": counters.get("cancelled", 0),
+            "enqueued": counters.get("enqueued", 0),
+        }
+
+
+def decode_record(record: dict[bytes, bytes]) -> dict[str, Any]:
+    """A task hash as a dict of str, with JSON fields parsed."""
+    out: dict[str, Any] = {k.decode(): v.decode() for k, v in record.items()}
+    for field in ("request", "response", "history"):
+        if field in out:
+            with contextlib.suppress(ValueError):  # a corrupt field is shown as stored
+                out[field] = json.loads(out[field])
+    for field in ("attempt", "max_retries"):
+        if field in out and out[field].lstrip("-").isdigit():
+            out[field] = int(out[field])
+    return out
+
+
+class WorkerMonitor:
+    """Worker registry and liveness, on the Redis clock."""
+
+    def __init__(self, redis_queue: RedisQueue) -> None:
+        self.queue = redis_queue
+
+    async def register_worker(self, worker_id: str, **fields: str | int | float) -> None:
+        await self.queue.store.heartbeat(worker_id, dict(fields), register=True)
+
+    async def update_heartbeat(self, worker_id: str, **fields: str | int | float) -> None:
+        await self.queue.store.heartbeat(worker_id, dict(fields))
+
+    async def increment_task_counter(self, worker_id: str, count: int = 1) -> None:
+        async with translated_errors():
+            await self.queue.client.hincrby(
+                self.queue.keys.worker(worker_id), "tasks_processed", count
+            )
+
+    async def get_active_workers(self) -> list[dict[str, Any]]:
+        """Every known worker; ``status`` is ``inactive`` once its heartbeat is overdue."""
+        keys = self.queue.keys
+        timeout_ms = self.queue.settings.heartbeat.timeout * 1000
+        async with translated_errors():
+            seconds, micros = await self.queue.client.time()
+            ids: list[bytes] = cast(
+                list[bytes], await self.queue.client.zrange(keys.workers, 0, -1)
+            )
+            pipe = self.queue.client.pipeline(transaction=False)
+            for worker_id in ids:
+                pipe.hgetall(keys.worker(worker_id.decode()))
+            records = await pipe.execute()
+        now_ms = seconds * 1000 + micros // 1000
+        workers = []
+        for record in records:
+            if not record:
+                continue
+            info: dict[str, Any] = {k.decode(): v.decode() for k, v in record.items()}
+            last = int(info.get("last_heartbeat", 0))
+            if now_ms - last > timeout_ms:
+                info["status"] = "inactive"
+            info["last_heartbeat"] = last / 1000
+            for field in ("tasks_processed", "pid"):
+                if field in info:
+                    info[field] = int(info[field])
+            workers.append(info)
+        return workers
+
+    async def cleanup_inactive_workers(self) -> int:
+        """Mark silent workers lost and forget long-gone ones; returns how many were forgotten."""
+        await self.queue.store.mark_lost(self.queue.settings.heartbeat.timeout)
+        _, forgotten = await self.queue.store.cleanup()
+        return forgotten

@@ -1,0 +1,255 @@
+"""The typed façade over the Lua scripts in ``actors/lua``.
+
+Each ``.lua`` file is one atomic operation; ``_lib.lua`` is prepended to all
+of them. Scripts are registered once per client and run with EVALSHA (redis-py
+reloads them after a Redis restart empties the script cache). Every state
+change of a task happens inside one of these scripts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from actors.connection import translated_errors
+from actors.exceptions import DuplicateTaskException
+from actors.keys import KeySpace
+from config.settings import Settings
+
+#: Scripts by name; a test checks that this matches the folder exactly.
+SCRIPT_NAMES = (
+    "cancel",
+    "claim",
+    "cleanup",
+    "complete",
+    "dlq_purge",
+    "dlq_requeue",
+    "enqueue",
+    "fail",
+    "heartbeat",
+    "mark_lost",
+    "release",
+    "renew",
+    "requeue_leases",
+)
+
+#: A worker silent this long is forgotten by the cleanup.
+WORKER_FORGET_MS = 5 * 60 * 1000
+
+
+def script_source(name: str) -> str:
+    folder = resources.files("actors") / "lua"
+    return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueItem:
+    request_id: str
+    request_json: str
+    priority: int
+    max_retries: int
+    expires_in_ms: int  # 0 = never
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A task leased to a worker; ``attempt`` is the lease's fencing token."""
+
+    request_id: str
+    attempt: int
+    request_json: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    leases: list[Lease]
+    wait_ms: int  # ms until the next retry is due; -1 if none
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    request_id: str
+    attempt: int
+    data_json: str
+    execution_time: float
+
+
+class FailOutcome(IntEnum):
+    REFUSED = 0  # the lease was not held: the report is discarded
+    RETRYING = 1
+    DEAD_LETTERED = 2
+
+
+class TaskStore:
+    """One async method per Lua script, with typed arguments and results."""
+
+    def __init__(self, client: Redis, keys: KeySpace, settings: Settings) -> None:
+        self.client = client
+        self.keys = keys
+        self._context = keys.script_context()
+        tasks = settings.tasks
+        self._ttl_ms = int(tasks.result_ttl * 1000)
+        self._backoff_ms = int(tasks.retry_backoff * 1000)
+        self._backoff_max_ms = int(tasks.retry_backoff_max * 1000)
+        self.lease_ms = int(settings.heartbeat.timeout * 1000)
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(script_source(name)) for name in SCRIPT_NAMES
+        }
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        async with translated_errors():
+            return await self._scripts[name](keys=keys, args=[*self._context, *args])
+
+    async def enqueue(self, items: Sequence[EnqueueItem]) -> int:
+        """Store tasks, all or none; returns how many were new."""
+        args: list[Any] = [len(items)]
+        for item in items:
+            args += [
+                item.request_id,
+                item.request_json,
+                item.priority,
+                item.max_retries,
+                item.expires_in_ms,
+            ]
+        k = self.keys
+        code, value = await self._run("enqueue", [k.pending, k.seq, k.stats], args)
+        if code == 0:
+            raise DuplicateTaskException(items[int(value) - 1].request_id)
+        return int(value)
+
+    async def claim(self, worker_id: str, count: int, promote_limit: int = 100) -> ClaimResult:
+        k = self.keys
+        reply = await self._run(
+            "claim",
+            [k.pending, k.running, k.delayed, k.stats],
+            [worker_id, count, self.lease_ms, promote_limit, self._ttl_ms],
+        )
+        leases = [
+            Lease(reply[i].decode(), int(reply[i + 1]), reply[i + 2])
+            for i in range(1, len(reply), 3)
+        ]
+        return ClaimResult(leases, int(reply[0]))
+
+    async def promote_due(self, limit: int = 1000) -> None:
+        """Move retries whose backoff is over back to pending (a claim of 0 tasks)."""
+        await self.claim("", 0, promote_limit=limit)
+
+    async def complete(self, worker_id: str, results: Sequence[Completion]) -> list[bool]:
+        args: list[Any] = [worker_id, self._ttl_ms, len(results)]
+        for r in results:
+            args += [r.request_id, r.attempt, r.data_json, repr(r.execution_time)]
+        codes = await self._run("complete", [self.keys.running, self.keys.stats], args)
+        return [code == 1 for code in codes]
+
+    async def fail(
+        self, worker_id: str, request_id: str, attempt: int, error: str, *, permanent: bool
+    ) -> tuple[FailOutcome, float]:
+        """Report a failed attempt; returns the outcome and the retry delay in seconds."""
+        k = self.keys
+        code, delay_ms = await self._run(
+            "fail",
+            [k.running, k.delayed, k.dead, k.stats],
+            [
+                worker_id,
+                request_id,
+                attempt,
+                error,
+                1 if permanent else 0,
+                self._backoff_ms,
+                self._backoff_max_ms,
+                random.random(),
+                self._ttl_ms,
+            ],
+        )
+        return FailOutcome(code), delay_ms / 1000
+
+    async def renew(self, worker_id: str, leases: Sequence[tuple[str, int]]) -> list[str]:
+        """Extend leases; returns the ids whose lease is no longer held."""
+        args: list[Any] = [worker_id, self.lease_ms, len(leases)]
+        for request_id, attempt in leases:
+            args += [request_id, attempt]
+        lost = await self._run("renew", [self.keys.running], args)
+        return [item.decode() for item in lost]
+
+    async def release(
+        self,
+        worker_id: str,
+        leases: Sequence[tuple[str, int]],
+        *,
+        reason: str,
+        delay: float = 0.0,
+    ) -> int:
+        """Hand leased tasks back without burning an attempt."""
+        args: list[Any] = [worker_id, int(delay * 1000), reason, len(leases)]
+        for request_id, attempt in leases:
+            args += [request_id, attempt]
+        k = self.keys
+        return int(await self._run("release", [k.running, k.pending, k.delayed, k.stats], args))
+
+    async def requeue_expired(self, limit: int = 1000) -> tuple[int, int]:
+        """Take back leases past their deadline; returns (requeued, dead-lettered)."""
+        return await self._requeue_leases("expired", str(limit))
+
+    async def requeue_worker(self, worker_id: str) -> tuple[int, int]:
+        """Take back every lease of a worker known to be dead."""
+        return await self._requeue_leases("worker", worker_id)
+
+    async def _requeue_leases(self, selector: str, target: str) -> tuple[int, int]:
+        k = self.keys
+        requeued, dead = await self._run(
+            "requeue_leases",
+            [k.running, k.pending, k.dead, k.stats],
+            [selector, target, self._ttl_ms],
+        )
+        return int(requeued), int(dead)
+
+    async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        k = self.keys
+        return bool(
+            await self._run(
+                "cancel",
+                [k.pending, k.delayed, k.running, k.stats],
+                [request_id, reason, self._ttl_ms],
+            )
+        )
+
+    async def dlq_requeue(self, request_ids: Sequence[str] | None) -> int:
+        """Requeue the given dead letters, or all of them when ``request_ids`` is None."""
+        args = ["all"] if request_ids is None else ["ids", *request_ids]
+        return int(await self._run("dlq_requeue", [self.keys.dead, self.keys.pending], args))
+
+    async def dlq_purge(self) -> int:
+        return int(await self._run("dlq_purge", [self.keys.dead], []))
+
+    async def cleanup(self) -> tuple[int, int]:
+        """Retention; returns (dead letters removed, workers forgotten)."""
+        k = self.keys
+        removed, forgotten = await self._run(
+            "cleanup",
+            [k.dead, k.workers],
+            [self._ttl_ms, WORKER_FORGET_MS, k.worker_prefix],
+        )
+        return int(removed), int(forgotten)
+
+    async def heartbeat(
+        self, worker_id: str, fields: dict[str, str | int | float], *, register: bool = False
+    ) -> int:
+        """Record a worker's liveness (Redis clock); returns the heartbeat time in ms."""
+        args: list[Any] = [worker_id, "register" if register else "beat", len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
+        k = self.keys
+        return int(await self._run("heartbeat", [k.workers, k.worker(worker_id)], args))
+
+    async def mark_lost(self, timeout: float) -> list[str]:
+        """Flip silent workers to inactive; returns the ones newly lost."""
+        k = self.keys
+        lost = await self._run("mark_lost", [k.workers], [int(timeout * 1000), k.worker_prefix])
+        return [item.decode() for item in lost]

@@ -1,0 +1,83 @@
+"""Fixtures shared by every test: one real redis-server per session, a key prefix per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+
+from config.settings import Settings
+from supervisor.redis_server import RedisServer
+
+_LEAKY_ENV = (
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_DB",
+    "REDIS_PASSWORD",
+    "SUPERVISOR_CONFIG",
+    "TASK_QUEUE_TIMEOUT",
+    "WORKER_HEARTBEAT_INTERVAL",
+    "CLEANUP_INTERVAL",
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the developer's or CI's Redis/config env vars out of every test."""
+    scrapeq_vars = [name for name in os.environ if name.startswith("SCRAPEQ_")]
+    for name in (*_LEAKY_ENV, *scrapeq_vars):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server on a free loopback port, append-only, for the whole session.
+
+    Tests may kill or pause it; request ``redis_url`` rather than this fixture's ``url``
+    so a later test gets it back running.
+    """
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL, after undoing whatever an earlier test did to it."""
+    if redis_server.is_running():
+        redis_server.resume()
+    else:
+        redis_server.start()
+    return redis_server.url
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A prefix no other test uses, so tests share one server without FLUSHALL."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
+    """Settings for a test: its own prefix and state dir, fast heartbeats and retries."""
+    return Settings.model_validate(
+        {
+            "redis": {"url": redis_url, "embedded": "never", "key_prefix": key_prefix},
+            "tasks": {"retry_backoff": 0.05, "retry_backoff_max": 0.2, "cleanup_interval": 1},
+            "heartbeat": {"interval": 0.2, "timeout": 1.0},
+            "supervisor": {"state_dir": tmp_path / "state", "metrics_port": 0},
+        }
+    )
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
