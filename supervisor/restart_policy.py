@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 
-from supervisor.exit_codes import ChildExit
+from actors.exit_codes import ChildExit
 
 
 class ChildState(StrEnum):

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.exit_codes import ChildExit
+from actors.exit_codes import ChildExit
 from supervisor.restart_policy import (
     Action,
     ChildState,
