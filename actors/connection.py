@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -16,28 +16,35 @@ from config.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: How long a client keeps retrying a command whose connection broke.
+#: How many times a client retries a command whose connection broke.
 RETRIES = 4
+#: Connections per client; callers beyond that wait for one.
+MAX_CONNECTIONS = 16
+#: How long a caller waits for a free connection.
+POOL_WAIT = 30.0
 
 
-def create_client(settings: Settings, *, max_connections: int | None = None) -> Redis:
+def create_client(settings: Settings, *, max_connections: int = MAX_CONNECTIONS) -> Redis:
     """A client for ``[redis] url`` that retries lost connections with jittered backoff.
 
     Retrying is safe for every script: enqueue and complete are idempotent by
     request id and lease, and a claim whose reply was lost only leaves a lease
-    that expires and is requeued.
+    that expires and is requeued. The pool is bounded and blocking: thousands
+    of concurrent calls share a handful of connections and queue for them
+    instead of failing with "too many connections".
     """
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         settings.redis.url,
         max_connections=max_connections,
+        timeout=POOL_WAIT,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES),
         retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         socket_connect_timeout=5,
         socket_timeout=15,
         socket_keepalive=True,
         health_check_interval=30,
-        decode_responses=False,
     )
+    return Redis.from_pool(pool)
 
 
 def is_oom(error: redis_errors.ResponseError) -> bool:

@@ -58,7 +58,7 @@ class RedisQueue:
             await client.ping()
         self._client = client
         self._store = TaskStore(client, self.keys, self.settings)
-        self._hub = ResponseHub(client, self.keys, self.read_response)
+        self._hub = ResponseHub(client, self.keys, self.read_responses)
 
     async def close(self) -> None:
         if self._hub is not None:
@@ -133,9 +133,17 @@ class RedisQueue:
 
     async def read_response(self, request_id: str) -> bytes | None:
         """The stored response JSON of a finished task, else None."""
+        (response,) = await self.read_responses([request_id])
+        return response
+
+    async def read_responses(self, request_ids: Sequence[str]) -> list[bytes | None]:
+        """The stored responses of many tasks in one round trip."""
         async with translated_errors():
-            response: Any = await self.client.hget(self.keys.task(request_id), "response")
-        return cast(bytes | None, response)
+            pipe = self.client.pipeline(transaction=False)
+            for request_id in request_ids:
+                pipe.hget(self.keys.task(request_id), "response")
+            responses: list[Any] = await pipe.execute()
+        return cast(list[bytes | None], responses)
 
     async def wait_for_response(self, request_id: str, timeout: float) -> ScrapingResponse:
         """Wait (push-based) for the task's final response.

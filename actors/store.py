@@ -34,6 +34,7 @@ SCRIPT_NAMES = (
     "enqueue",
     "fail",
     "heartbeat",
+    "lock",
     "mark_lost",
     "release",
     "renew",
@@ -253,3 +254,10 @@ class TaskStore:
         k = self.keys
         lost = await self._run("mark_lost", [k.workers], [int(timeout * 1000), k.worker_prefix])
         return [item.decode() for item in lost]
+
+    async def hold_lock(self, key: str, owner: str, lease: float) -> bool:
+        """Take or renew a singleton lease; True while ``owner`` holds it."""
+        return bool(await self._run("lock", [key], [owner, int(lease * 1000), "acquire"]))
+
+    async def release_lock(self, key: str, owner: str) -> None:
+        await self._run("lock", [key], [owner, 0, "release"])

@@ -14,31 +14,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from actors.exceptions import QueueConnectionException
 from actors.keys import KeySpace
 
 logger = logging.getLogger(__name__)
 
-#: Reads the stored response of a task (None while it is not finished).
-ResponseReader = Callable[[str], Awaitable[bytes | None]]
+#: Reads the stored responses of tasks (None for one not finished yet).
+ResponsesReader = Callable[[Sequence[str]], Awaitable[list[bytes | None]]]
 
 
 class ResponseHub:
     """Fan-in of ``done:<id>`` channels for all the waits of one process."""
 
-    def __init__(self, client: Redis, keys: KeySpace, read_response: ResponseReader) -> None:
+    def __init__(self, client: Redis, keys: KeySpace, read_responses: ResponsesReader) -> None:
         self._client = client
         self._keys = keys
-        self._read_response = read_response
+        self._read_responses = read_responses
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
-        self._checks: set[asyncio.Task[None]] = set()
+        self._to_check: set[str] = set()
+        self._checker: asyncio.Task[None] | None = None
 
     async def wait(self, request_id: str, timeout: float) -> bytes | None:
         """The task's response JSON, or None if none came within ``timeout``."""
@@ -56,7 +58,8 @@ class ResponseHub:
             except TimeoutError:
                 # Last look: covers a message lost with a connection that died
                 # after its subscription was confirmed.
-                return await self._read_response(request_id)
+                (response,) = await self._read_responses([request_id])
+                return response
         finally:
             waiters.remove(future)
             if not waiters:
@@ -69,8 +72,8 @@ class ResponseHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
             self._reader = None
-        for task in list(self._checks):
-            task.cancel()
+        if self._checker is not None:
+            self._checker.cancel()
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
             self._pubsub = None
@@ -93,20 +96,23 @@ class ResponseHub:
                 future.set_result(response)
 
     def _check_stored(self, request_id: str) -> None:
-        """Read a task's stored response and deliver it if it is finished."""
+        """Queue a read of the task's stored response; one task reads them in batches."""
+        self._to_check.add(request_id)
+        if self._checker is None or self._checker.done():
+            self._checker = asyncio.create_task(self._check_loop())
 
-        async def check() -> None:
+    async def _check_loop(self) -> None:
+        while self._to_check:
+            batch = [rid for rid in self._to_check if rid in self._waiters]
+            self._to_check.clear()
             try:
-                response = await self._read_response(request_id)
-            except Exception as exc:  # the wait's final read will try again
-                logger.warning("작업 %s 응답 조회 실패: %s", request_id, exc)
+                responses = await self._read_responses(batch)
+            except QueueConnectionException as exc:  # each wait's final read tries again
+                logger.warning("작업 응답 %d건 조회 실패: %s", len(batch), exc)
                 return
-            if response is not None:
-                self._deliver(request_id, response)
-
-        task = asyncio.create_task(check())
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
+            for request_id, response in zip(batch, responses, strict=True):
+                if response is not None:
+                    self._deliver(request_id, response)
 
     async def _read_loop(self, pubsub: PubSub) -> None:
         prefix = self._keys.done_prefix.encode()

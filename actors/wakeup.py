@@ -44,6 +44,10 @@ class Wakeup:
         self._event.clear()
         return True
 
+    def poke(self) -> None:
+        """Wake the waiter now (e.g. the actor was asked to stop)."""
+        self._event.set()
+
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()

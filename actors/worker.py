@@ -1,0 +1,313 @@
+"""The worker actor: claims tasks in batches, runs their scripts, reports outcomes.
+
+Up to ``worker.concurrency`` tasks run at once. Claims and completions are
+batched: while one claim or one completion call is in flight, the next batch
+gathers, so under load a Redis round trip serves many tasks and when idle a
+single task still goes out at once. Leases are renewed with each heartbeat;
+a lease found lost (taken over after a stall, or cancelled) stops its task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import psutil
+
+from actors.backoff import Outage
+from actors.base import Actor
+from actors.exceptions import InvalidTaskException, QueueConnectionException, RateLimited
+from actors.exit_codes import ChildExit
+from actors.models import ensure_json
+from actors.queue import WorkerMonitor
+from actors.scripts import find_script, set_attempt
+from actors.store import Completion, Lease
+from actors.wakeup import Wakeup
+from config.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Most tasks one claim call leases.
+CLAIM_BATCH = 64
+#: An idle worker claims at least this often, in case a wake message was lost.
+IDLE_WAIT = 1.0
+#: How long a stopping worker keeps trying to report completed tasks.
+FINAL_FLUSH_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class RunningTask:
+    attempt: int
+    task: asyncio.Task[None]
+
+
+class Worker(Actor):
+    kind = "worker"
+
+    def __init__(self, actor_id: str, settings: Settings, parent_pid: int) -> None:
+        super().__init__(actor_id, settings, parent_pid)
+        worker = settings.worker
+        self.concurrency = worker.concurrency
+        self.monitor = WorkerMonitor(self.queue)
+        self.running: dict[str, RunningTask] = {}
+        self.completed: list[Completion] = []
+        self.flush_wanted = asyncio.Event()
+        self.slot_free = asyncio.Event()
+        self.closing = False
+        self.tasks_processed = 0
+        # Jitter keeps the processes of a pool from recycling all at once.
+        self.recycle_after = (
+            int(worker.max_tasks_per_child * random.uniform(1.0, 1.1))
+            if worker.max_tasks_per_child
+            else 0
+        )
+        self.max_rss = worker.max_memory_mb * 1024 * 1024
+        self.process = psutil.Process()
+        self.wakeup: Wakeup | None = None
+
+    def request_stop(self, *, abort: bool = False) -> None:
+        super().request_stop(abort=abort)
+        self.slot_free.set()
+        if self.wakeup is not None:
+            self.wakeup.poke()
+
+    def recycle(self, reason: str) -> None:
+        if self.exit_code != ChildExit.RECYCLE:
+            logger.info("%s: 워커 재시작 예정 (%s)", self.actor_id, reason)
+            self.exit_code = ChildExit.RECYCLE
+            self.request_stop()
+
+    async def on_start(self) -> None:
+        self.wakeup = Wakeup(self.queue.client, self.queue.keys.wake)
+        await self.wakeup.start()
+        await self.monitor.register_worker(self.actor_id, **self._vitals())
+        logger.info("%s: 워커 시작 (동시 실행 %d)", self.actor_id, self.concurrency)
+
+    async def on_stop(self) -> None:
+        if self.wakeup is not None:
+            await self.wakeup.close()
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        flusher = asyncio.create_task(self._flush_loop())
+        try:
+            await self._claim_loop()
+            await self._finish_running()
+        finally:
+            heartbeat.cancel()
+            self.closing = True
+            self.flush_wanted.set()
+            try:
+                await asyncio.wait_for(flusher, FINAL_FLUSH_TIMEOUT)
+            except TimeoutError:
+                logger.error(
+                    "%s: 완료 %d건을 보고하지 못함 (임대 만료 후 재실행됨)",
+                    self.actor_id,
+                    len(self.completed),
+                )
+        logger.info("%s: 워커 종료 (처리 %d건)", self.actor_id, self.tasks_processed)
+
+    # -- claiming -------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        assert self.wakeup is not None
+        outage = Outage(f"{self.actor_id}: 작업 가져오기", logger)
+        while not self.stop_requested.is_set():
+            free = self.concurrency - len(self.running)
+            if free <= 0:
+                self.slot_free.clear()
+                await self.slot_free.wait()
+                continue
+            try:
+                claim = await self.queue.store.claim(self.actor_id, min(free, CLAIM_BATCH))
+            except QueueConnectionException as exc:
+                await outage.failed(exc)
+                continue
+            outage.succeeded()
+            for lease in claim.leases:
+                self._start(lease)
+            if not claim.leases:
+                wait = IDLE_WAIT if claim.wait_ms < 0 else min(IDLE_WAIT, claim.wait_ms / 1000)
+                await self.wakeup.wait(wait)
+
+    def _start(self, lease: Lease) -> None:
+        task = asyncio.create_task(self._execute(lease))
+        self.running[lease.request_id] = RunningTask(lease.attempt, task)
+        task.add_done_callback(lambda _: self._finished(lease.request_id))
+
+    def _finished(self, request_id: str) -> None:
+        self.running.pop(request_id, None)
+        self.slot_free.set()
+        self.tasks_processed += 1
+        if self.recycle_after and self.tasks_processed >= self.recycle_after:
+            self.recycle(f"max_tasks_per_child={self.settings.worker.max_tasks_per_child}")
+
+    # -- running one task -----------------------------------------------------
+
+    async def _execute(self, lease: Lease) -> None:
+        request = await self.queue.decode_lease(self.actor_id, lease)
+        if request is None:
+            return
+        script = find_script(request.script_name, request.script_version)
+        if script is None:
+            version = f" version {request.script_version}" if request.script_version else ""
+            await self._fail(lease, f"unknown script {request.script_name!r}{version}", True)
+            return
+        set_attempt(lease.attempt)
+        started = time.perf_counter()
+        deadline = asyncio.timeout(request.timeout)
+        try:
+            async with deadline:
+                result = await script.call(dict(request.parameters))
+        except TimeoutError as exc:
+            if not deadline.expired():
+                await self._fail(lease, f"TimeoutError: {exc}", False)
+                return
+            if not script.is_async:
+                self.recycle(f"sync script {script.name!r} overran its timeout in a thread")
+            await self._fail(lease, f"timed out after {request.timeout:g}s", False)
+            return
+        except RateLimited as exc:
+            await self._report(
+                "속도 제한 반환",
+                self.queue.store.release(
+                    self.actor_id,
+                    [(lease.request_id, lease.attempt)],
+                    reason="rate_limited",
+                    delay=exc.retry_after,
+                ),
+            )
+            return
+        except Exception as exc:
+            await self._fail(lease, f"{type(exc).__name__}: {exc}", False)
+            return
+        elapsed = time.perf_counter() - started
+        try:
+            data_json = ensure_json(result, "result")
+        except InvalidTaskException as exc:
+            await self._fail(lease, f"script returned a value that is not JSON: {exc}", True)
+            return
+        limit = self.settings.tasks.max_result_bytes
+        if len(data_json) > limit and len(data_json.encode()) > limit:
+            await self._fail(
+                lease,
+                f"result is over max_result_bytes={limit}: "
+                "store big data elsewhere and return a reference",
+                True,
+            )
+            return
+        self.completed.append(Completion(lease.request_id, lease.attempt, data_json, elapsed))
+        self.flush_wanted.set()
+
+    async def _fail(self, lease: Lease, error: str, permanent: bool) -> None:
+        logger.warning(
+            "%s: 작업 %s 실패 (시도 %d): %s", self.actor_id, lease.request_id, lease.attempt, error
+        )
+        await self._report(
+            "실패 보고",
+            self.queue.store.fail(
+                self.actor_id, lease.request_id, lease.attempt, error, permanent=permanent
+            ),
+        )
+
+    async def _report(self, what: str, call: Awaitable[object]) -> None:
+        """Await a one-off report; if Redis is gone the lease expires and the task reruns."""
+        try:
+            await call
+        except QueueConnectionException as exc:
+            logger.error("%s: %s 실패, 임대 만료 후 재전달됨: %s", self.actor_id, what, exc)
+
+    # -- completions, heartbeats, shutdown ------------------------------------
+
+    async def _flush_loop(self) -> None:
+        outage = Outage(f"{self.actor_id}: 완료 보고", logger)
+        while True:
+            await self.flush_wanted.wait()
+            self.flush_wanted.clear()
+            while self.completed:
+                batch, self.completed = self.completed, []
+                try:
+                    accepted = await self.queue.store.complete(self.actor_id, batch)
+                except QueueConnectionException as exc:
+                    self.completed[:0] = batch
+                    await outage.failed(exc)
+                    continue
+                outage.succeeded()
+                for completion, ok in zip(batch, accepted, strict=True):
+                    if not ok:
+                        logger.warning(
+                            "%s: 작업 %s 시도 %d 의 임대를 잃어 완료 보고가 거부됨",
+                            self.actor_id,
+                            completion.request_id,
+                            completion.attempt,
+                        )
+            if self.closing:
+                return
+
+    async def _heartbeat_loop(self) -> None:
+        outage = Outage(f"{self.actor_id}: 하트비트", logger)
+        interval = self.settings.heartbeat.interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.monitor.update_heartbeat(self.actor_id, **self._vitals())
+                leases = [(rid, running.attempt) for rid, running in self.running.items()]
+                lost = await self.queue.store.renew(self.actor_id, leases) if leases else []
+            except QueueConnectionException as exc:
+                await outage.failed(exc)
+                continue
+            outage.succeeded()
+            for request_id in lost:
+                running = self.running.get(request_id)
+                if running is not None:
+                    logger.warning(
+                        "%s: 작업 %s 의 임대를 잃음 (취소 또는 재전달), 실행 중단",
+                        self.actor_id,
+                        request_id,
+                    )
+                    running.task.cancel()
+            if self.max_rss and self.process.memory_info().rss > self.max_rss:
+                self.recycle(f"max_memory_mb={self.settings.worker.max_memory_mb}")
+
+    def _vitals(self) -> dict[str, str | int | float]:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "tasks_processed": self.tasks_processed,
+            "running": len(self.running),
+            "concurrency": self.concurrency,
+            "rss_bytes": self.process.memory_info().rss,
+            "cpu_percent": self.process.cpu_percent(),
+        }
+
+    async def _finish_running(self) -> None:
+        """Drain: let running tasks finish (up to drain_timeout), hand back the rest."""
+        if self.running and not self.aborting.is_set():
+            logger.info("%s: 실행 중인 작업 %d건 완료 대기", self.actor_id, len(self.running))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.supervisor.drain_timeout
+        while self.running and not self.aborting.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self.slot_free.clear()  # set again by each finished task and by an abort
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.slot_free.wait(), remaining)
+        leftover = [(rid, running.attempt) for rid, running in self.running.items()]
+        for running in list(self.running.values()):
+            running.task.cancel()
+        await asyncio.gather(*(r.task for r in list(self.running.values())), return_exceptions=True)
+        if leftover:
+            released = 0
+            try:
+                released = await self.queue.store.release(self.actor_id, leftover, reason="drain")
+            except QueueConnectionException as exc:
+                logger.error("%s: 작업 반환 실패, 임대 만료 후 재전달됨: %s", self.actor_id, exc)
+            logger.info("%s: 미완료 작업 %d건 반환", self.actor_id, released)
