@@ -1,2 +1,141 @@
+"""The ``supervisor`` command line: parsing, settings, and errors turned into exit codes.
+
+Each subcommand lives in a ``cli_*`` module and returns its exit status; the
+contract's exceptions are mapped to the contract's exit codes here, once.
+See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from actors.exceptions import (
+    BackpressureException,
+    InvalidTaskException,
+    QueueConnectionException,
+    QueueError,
+    TaskTimeoutException,
+)
+from actors.exit_codes import CliExit
+from config.settings import CONFIG_ENV, ConfigError, Settings
+from supervisor import cli_dlq, cli_status, cli_tasks
+from supervisor.cli_common import Handler, eprint, redacted_url
+from supervisor.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+#: Commands that follow the queue until interrupted; Ctrl-C ends them with exit 0.
+_FOLLOWING = frozenset({"events", "status"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The global options are accepted before and after the subcommand. The
+    # copies on the subcommands default to SUPPRESS so that an option given
+    # before the subcommand is not overwritten by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="supervisor",
+        description="Run and operate a scrapeq task queue.",
+        epilog="Exit status: 0 ok, 1 task failed or not found, 2 usage or config error, "
+        "3 timeout, 4 rejected by backpressure, 5 Redis unreachable.",
+    )
+    _add_global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    start = commands.add_parser(
+        "start",
+        parents=[common],
+        help="run the supervisor in the foreground",
+        description="Run the supervisor and its actor processes in the foreground. "
+        "SIGTERM/SIGINT drain and exit 0 (a second one stops at once), SIGHUP reloads "
+        "the config file, SIGTTIN/SIGTTOU add/remove a worker process.",
+    )
+    start.set_defaults(handler=None)
+    cli_tasks.register(commands, common)
+    cli_status.register(commands, common)
+    cli_dlq.register(commands, common)
+    return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        default=argparse.SUPPRESS if suppress else None,
+        help=f"TOML config file (default: ${CONFIG_ENV}, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        default=argparse.SUPPRESS if suppress else "INFO",
+        help="stderr log level (default INFO)",
+    )
+
+
+def load_settings(config: Path | None) -> tuple[Settings, Path | None]:
+    """The settings and the file they came from (``--config``, else ``$SUPERVISOR_CONFIG``)."""
+    path = config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    return (Settings.from_file(path) if path else Settings()), path
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (see ``CliExit``)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else CliExit.USAGE
+    configure_logging(args.log_level)
+    try:
+        settings, config_path = load_settings(args.config)
+    except ConfigError as exc:
+        return report(exc, None)
+    handler: Handler | None = args.handler
+    try:
+        if handler is None:
+            from supervisor.app import run_supervisor  # noqa: PLC0415 -- only `start` needs it
+
+            return run_supervisor(settings, config_path)
+        return asyncio.run(handler(args, settings))
+    except KeyboardInterrupt:
+        return CliExit.OK if args.command in _FOLLOWING else 130
+    except (ConfigError, QueueError) as exc:
+        return report(exc, settings)
+
+
+def report(exc: ConfigError | QueueError, settings: Settings | None) -> int:
+    """Explain ``exc`` on stderr (a Korean log line and an English message); its exit status."""
+    if isinstance(exc, ConfigError):
+        logger.error("설정 오류: %s", exc)
+        eprint(f"error: configuration: {exc}")
+        return CliExit.USAGE
+    if isinstance(exc, InvalidTaskException):
+        logger.error("잘못된 작업 (%s): %s", exc.field, exc)
+        eprint(f"error: invalid task: {exc}")
+        return CliExit.USAGE
+    if isinstance(exc, BackpressureException):
+        logger.warning("백프레셔로 거부됨, %.2f초 후 재시도", exc.retry_after)
+        eprint(f"error: rejected by backpressure: {exc}")
+        return CliExit.BACKPRESSURE
+    if isinstance(exc, TaskTimeoutException):
+        logger.warning("응답 대기 시간 초과: %s", exc.request_id)
+        eprint(f"error: {exc}")
+        return CliExit.TIMEOUT
+    if isinstance(exc, QueueConnectionException):
+        url = redacted_url(settings.redis.url) if settings else "the configured URL"
+        logger.error("Redis 에 연결할 수 없음: %s", url)
+        eprint(f"error: cannot reach Redis at {url}: {exc}")
+        return CliExit.REDIS_UNREACHABLE
+    raise exc
+
+
 def main() -> None:
-    raise SystemExit(0)
+    """Console-script entry point: ``supervisor ...`` exits with the command's status."""
+    sys.exit(run())

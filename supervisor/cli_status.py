@@ -1,0 +1,199 @@
+"""``supervisor status`` and ``supervisor events``: the queue now, and as it changes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio.client import PubSub
+
+from actors.connection import translated_errors
+from actors.exit_codes import CliExit
+from actors.queue import RedisQueue, TaskManager, WorkerMonitor
+from config.settings import Settings
+from supervisor.cli_common import (
+    Subcommands,
+    backpressure_key,
+    backpressure_view,
+    format_time,
+    positive_int,
+    print_json,
+    print_table,
+    stop_on_signals,
+)
+
+logger = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 1.0
+#: How long one poll of the event subscription blocks, so a stop is noticed promptly.
+POLL_SECONDS = 0.25
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="show queue depths, workers and backpressure",
+        description="Show queue depths and totals, every known worker and the backpressure "
+        "state. --json prints one object with 'queue', 'workers' and 'backpressure'.",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh every second until Ctrl-C (with --json: one object per line)",
+    )
+    status.set_defaults(handler=show_status)
+
+    events = commands.add_parser(
+        "events",
+        parents=[common],
+        help="follow the live event stream",
+        description="Print one line per queue event (task.enqueued, task.started, "
+        "task.completed, worker.lost, ...) until Ctrl-C or SIGTERM, then exit 0.",
+    )
+    events.add_argument("--json", action="store_true", help="print each event as its JSON object")
+    events.add_argument("--count", type=positive_int, metavar="N", help="exit 0 after N events")
+    events.set_defaults(handler=follow_events)
+
+
+async def snapshot(queue: RedisQueue) -> dict[str, Any]:
+    """The ``status --json`` object."""
+    stats = await TaskManager(queue).queue_stats()
+    workers = await WorkerMonitor(queue).get_active_workers()
+    async with translated_errors():
+        fields: Any = await queue.client.hgetall(backpressure_key(queue.keys))
+    for worker in workers:
+        worker.setdefault("pid", None)
+        worker.setdefault("host", None)
+    return {
+        "queue": stats,
+        "workers": workers,
+        "backpressure": backpressure_view(fields, stats["pending"]),
+    }
+
+
+def print_snapshot(state: dict[str, Any]) -> None:
+    queue, backpressure = state["queue"], state["backpressure"]
+    print_table(list(queue), [list(queue.values())])
+    rate = f", rate {backpressure['rate']}/s" if "rate" in backpressure else ""
+    print(f"\nbackpressure: {backpressure['state']} (depth {backpressure['depth']}{rate})")
+    workers = state["workers"]
+    active = sum(1 for w in workers if w.get("status") == "active")
+    print(f"\nworkers: {active} active, {len(workers) - active} inactive")
+    if workers:
+        now = time.time()
+        print_table(
+            ["worker_id", "status", "pid", "host", "tasks", "last_heartbeat"],
+            [
+                [
+                    w.get("worker_id"),
+                    w.get("status"),
+                    w.get("pid"),
+                    w.get("host"),
+                    w.get("tasks_processed"),
+                    f"{max(0.0, now - float(w.get('last_heartbeat', now))):.1f}s ago",
+                ]
+                for w in workers
+            ],
+        )
+
+
+async def show_status(args: argparse.Namespace, settings: Settings) -> int:
+    async with RedisQueue(settings) as queue:
+        if not args.watch:
+            state = await snapshot(queue)
+            if args.json:
+                print_json(state)
+            else:
+                print_snapshot(state)
+            return CliExit.OK
+        with stop_on_signals() as stop:
+            clear = not args.json and sys.stdout.isatty()
+            while not stop.is_set():
+                state = await snapshot(queue)
+                if args.json:
+                    print_json(state)
+                else:
+                    print(_CLEAR_SCREEN if clear else "", end="")
+                    print_snapshot(state)
+                    print(flush=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
+    return CliExit.OK
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """``<time> <event> key=value ...`` for the human-readable stream."""
+    ts = event.get("ts")
+    when = format_time(ts) if isinstance(ts, int | float) else "-"
+    rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "ts"))
+    return f"{when} {event.get('event', '?')} {rest}".rstrip()
+
+
+async def follow_events(args: argparse.Namespace, settings: Settings) -> int:
+    async with RedisQueue(settings) as queue:
+        pubsub = queue.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            async with translated_errors():
+                await pubsub.subscribe(queue.keys.events)
+            logger.info("이벤트 스트림 구독 시작: %s", queue.keys.events)
+            with stop_on_signals() as stop:
+                feed = EventFeed(pubsub, stop)
+                seen = 0
+                while not stop.is_set() and (args.count is None or seen < args.count):
+                    event = await feed.next()
+                    if event is None:
+                        continue
+                    if args.json:
+                        print_json(event)
+                    else:
+                        print(format_event(event), flush=True)
+                    seen += 1
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+    return CliExit.OK
+
+
+class EventFeed:
+    """Events from a subscription, riding out lost connections.
+
+    redis-py resubscribes when the connection comes back; events published
+    while it was down are lost (pub/sub keeps no history).
+    """
+
+    def __init__(self, pubsub: PubSub, stop: asyncio.Event) -> None:
+        self._pubsub = pubsub
+        self._stop = stop
+        self._down = False
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next event, or None after a quiet poll, a lost connection or a bad message."""
+        try:
+            message = await self._pubsub.get_message(timeout=POLL_SECONDS)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            if not self._down:
+                logger.warning("이벤트 구독 연결 끊김, 재연결 시도 중: %s", exc)
+                self._down = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+            return None
+        if self._down:
+            logger.info("이벤트 구독 연결 복구")
+            self._down = False
+        if message is None:
+            return None
+        try:
+            event = json.loads(message["data"])
+        except ValueError:
+            logger.warning("해석할 수 없는 이벤트 무시: %r", message["data"])
+            return None
+        return event if isinstance(event, dict) else None

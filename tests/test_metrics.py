@@ -1,0 +1,115 @@
+"""The Prometheus /metrics endpoint, scraped over HTTP against the session's real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from actors.models import ScrapingRequest
+from actors.queue import RedisQueue, WorkerMonitor
+from config.settings import Settings
+from supervisor.cli_common import backpressure_key
+from supervisor.metrics import MetricsServer, start_metrics_server
+from supervisor.redis_server import free_port
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[MetricsServer]:
+    metrics = MetricsServer(settings, host="127.0.0.1", port=0)
+    yield metrics
+    metrics.close()
+
+
+@pytest.fixture
+async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
+    async with RedisQueue(settings) as q:
+        yield q
+
+
+def fetch(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics; every sample by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return await asyncio.to_thread(fetch, port)
+
+
+async def test_metrics_reflect_enqueued_tasks_and_workers(
+    server: MetricsServer, queue: RedisQueue
+) -> None:
+    for _ in range(2):
+        await queue.enqueue_task(ScrapingRequest(script_name="echo"))
+    await queue.dequeue_task("w1", timeout=1)
+    await WorkerMonitor(queue).register_worker("w1")
+
+    samples = await scrape(server.port)
+
+    assert samples[("scrapeq_redis_up", ())] == 1
+    assert samples[("scrapeq_queue_depth", (("state", "pending"),))] == 1
+    assert samples[("scrapeq_queue_depth", (("state", "running"),))] == 1
+    assert samples[("scrapeq_queue_depth", (("state", "retrying"),))] == 0
+    assert samples[("scrapeq_queue_depth", (("state", "dead_letter"),))] == 0
+    assert samples[("scrapeq_tasks_total", (("outcome", "enqueued"),))] == 2
+    assert samples[("scrapeq_tasks_total", (("outcome", "completed"),))] == 0
+    assert samples[("scrapeq_workers", (("status", "active"),))] == 1
+    assert samples[("scrapeq_workers", (("status", "inactive"),))] == 0
+    assert samples[("scrapeq_backpressure_state", ())] == 0
+
+
+async def test_backpressure_state_is_read_from_the_published_hash(
+    server: MetricsServer, queue: RedisQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.hset(backpressure_key(queue.keys), mapping={"state": "closed", "depth": 9})
+
+    samples = await scrape(server.port)
+
+    assert samples[("scrapeq_backpressure_state", ())] == 2
+
+
+def test_unreachable_redis_is_reported_as_down_not_as_a_failed_scrape(
+    settings: Settings,
+) -> None:
+    down = settings.model_copy(
+        update={
+            "redis": settings.redis.model_copy(update={"url": f"redis://127.0.0.1:{free_port()}/0"})
+        }
+    )
+    metrics = MetricsServer(down, host="127.0.0.1", port=0)
+    try:
+        samples = fetch(metrics.port)
+    finally:
+        metrics.close()
+    assert samples[("scrapeq_redis_up", ())] == 0
+    assert not any(name == "scrapeq_queue_depth" for name, _ in samples)
+
+
+def test_metrics_server_is_off_when_the_port_is_0(settings: Settings) -> None:
+    assert settings.supervisor.metrics_port == 0
+    assert start_metrics_server(settings) is None
+
+
+def test_metrics_server_listens_on_the_configured_port(settings: Settings) -> None:
+    port = free_port()
+    configured = settings.model_copy(
+        update={"supervisor": settings.supervisor.model_copy(update={"metrics_port": port})}
+    )
+    metrics = start_metrics_server(configured, host="127.0.0.1")
+    assert metrics is not None
+    try:
+        assert metrics.port == port
+        assert ("scrapeq_redis_up", ()) in fetch(port)
+    finally:
+        metrics.close()
