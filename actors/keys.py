@@ -18,13 +18,21 @@ class KeySpace:
     """Names of every key and channel of one queue."""
 
     __slots__ = (
+        "backpressure",
         "base",
+        "breaker",
         "dead",
         "delayed",
         "done_prefix",
+        "epoch",
         "events",
+        "gate_prefix",
+        "gates",
         "governor_lock",
+        "limits",
+        "paused",
         "pending",
+        "rate_state",
         "reaper_lock",
         "running",
         "seq",
@@ -50,6 +58,15 @@ class KeySpace:
         self.workers = base + "workers"  # zset: worker id -> last heartbeat (ms)
         self.task_prefix = base + "task:"  # hash per task
         self.worker_prefix = base + "worker:"  # hash per worker
+        self.epoch = base + "epoch"  # string: set once; its absence means Redis lost its data
+        self.backpressure = base + "backpressure"  # hash: state, depth, rate (the governor's)
+        # Rate limits ("rl:"): a task over its limit waits in its key's gate.
+        self.limits = base + "rl:limits"  # hash: rate key -> tasks/s, plus breaker settings
+        self.rate_state = base + "rl:tat"  # hash: rate key -> GCRA theoretical arrival (ms)
+        self.gates = base + "rl:gates"  # zset: rate key -> when its next task may start (ms)
+        self.gate_prefix = base + "rl:gate:"  # zset per rate key: waiting ids -> queue score
+        self.paused = base + "rl:paused"  # hash: rate key -> paused until (ms)
+        self.breaker = base + "rl:failures"  # hash: rate key -> consecutive failures
         self.reaper_lock = base + "lock:reaper"
         self.governor_lock = base + "lock:governor"
         self.events = base + "events"  # channel: JSON events

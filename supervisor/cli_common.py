@@ -14,7 +14,6 @@ from datetime import datetime
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
-from actors.keys import KeySpace
 from config.settings import Settings
 
 #: What ``add_subparsers`` returns; each ``cli_*`` module adds its commands to it.
@@ -25,14 +24,6 @@ Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 #: Backpressure states, in the order of ``scrapeq_backpressure_state``'s values.
 BACKPRESSURE_STATES = ("open", "throttled", "closed")
-
-
-def backpressure_key(keys: KeySpace) -> str:
-    """The hash (``state``, ``depth``, ``rate``) where the governor publishes backpressure.
-
-    Kept here until the key moves into ``KeySpace``, the one owner of key names.
-    """
-    return keys.base + "backpressure"
 
 
 def backpressure_view(fields: Mapping[bytes, bytes], pending: int) -> dict[str, Any]:

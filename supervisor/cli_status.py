@@ -20,7 +20,6 @@ from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from config.settings import Settings
 from supervisor.cli_common import (
     Subcommands,
-    backpressure_key,
     backpressure_view,
     format_time,
     positive_int,
@@ -70,7 +69,7 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
     stats = await TaskManager(queue).queue_stats()
     workers = await WorkerMonitor(queue).get_active_workers()
     async with translated_errors():
-        fields: Any = await queue.client.hgetall(backpressure_key(queue.keys))
+        fields: Any = await queue.client.hgetall(queue.keys.backpressure)
     for worker in workers:
         worker.setdefault("pid", None)
         worker.setdefault("host", None)

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from actors.keys import KeySpace
 from config.settings import Settings
-from supervisor.cli_common import BACKPRESSURE_STATES, backpressure_key, backpressure_view
+from supervisor.cli_common import BACKPRESSURE_STATES, backpressure_view
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def read_queue(client: redis.Redis, keys: KeySpace, heartbeat_timeout: float) ->
         pipe.zcard(key)
     pipe.hgetall(keys.stats)
     pipe.zrange(keys.workers, 0, -1, withscores=True)
-    pipe.hgetall(backpressure_key(keys))
+    pipe.hgetall(keys.backpressure)
     (seconds, micros), pending, running, retrying, dead, stats, beats, pressure = pipe.execute()
     counters = {k.decode(): int(v) for k, v in stats.items()}
     cutoff_ms = seconds * 1000 + micros // 1000 - heartbeat_timeout * 1000
