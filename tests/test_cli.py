@@ -15,7 +15,6 @@ from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from config.settings import Settings
 from supervisor.cli import run
-from supervisor.cli_common import backpressure_key
 from supervisor.redis_server import free_port
 
 
@@ -177,7 +176,7 @@ async def test_status_reports_the_published_backpressure_state(
     redis_client: redis.asyncio.Redis,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    key = backpressure_key(queue.keys)
+    key = queue.keys.backpressure
     await redis_client.hset(key, mapping={"state": "throttled", "depth": 60000, "rate": 12.5})
 
     assert await cli("--config", config, "status", "--json") == 0

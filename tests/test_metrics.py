@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.models import ScrapingRequest
 from actors.queue import RedisQueue, WorkerMonitor
 from config.settings import Settings
-from supervisor.cli_common import backpressure_key
 from supervisor.metrics import MetricsServer, start_metrics_server
 from supervisor.redis_server import free_port
 
@@ -72,7 +71,7 @@ async def test_metrics_reflect_enqueued_tasks_and_workers(
 async def test_backpressure_state_is_read_from_the_published_hash(
     server: MetricsServer, queue: RedisQueue, redis_client: redis.asyncio.Redis
 ) -> None:
-    await redis_client.hset(backpressure_key(queue.keys), mapping={"state": "closed", "depth": 9})
+    await redis_client.hset(queue.keys.backpressure, mapping={"state": "closed", "depth": 9})
 
     samples = await scrape(server.port)
 
