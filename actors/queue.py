@@ -25,6 +25,7 @@ from actors.exceptions import (
 )
 from actors.keys import KeySpace
 from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus, ensure_json
+from actors.ratelimits import rate_keys
 from actors.store import Completion, EnqueueItem, FailOutcome, Lease, TaskStore
 from actors.waiters import ResponseHub
 from actors.wakeup import Wakeup
@@ -109,7 +110,12 @@ class RedisQueue:
             )
         expires_ms = int(request.expires_in * 1000) if request.expires_in else 0
         return EnqueueItem(
-            request.request_id, payload, request.priority, request.max_retries, expires_ms
+            request.request_id,
+            payload,
+            request.priority,
+            request.max_retries,
+            expires_ms,
+            rate_keys(request),
         )
 
     async def enqueue_task(self, request: ScrapingRequest) -> str:
@@ -330,8 +336,9 @@ class TaskManager:
             pipe.hgetall(keys.stats)
             pending, running, retrying, dead, totals = await pipe.execute()
         counters = {k.decode(): int(v) for k, v in totals.items()}
+        gated = counters.get("gated", 0)
         return {
-            "pending": pending,
+            "pending": pending + gated,
             "running": running,
             "retrying": retrying,
             "completed": counters.get("completed", 0),
@@ -339,6 +346,7 @@ class TaskManager:
             "dead_letter": dead,
             "cancelled": counters.get("cancelled", 0),
             "enqueued": counters.get("enqueued", 0),
+            "gated": gated,  # pending, but waiting for a rate-limited key
         }
 
 

@@ -17,6 +17,7 @@ import uvloop
 
 from actors.base import Actor
 from actors.exit_codes import ChildExit
+from actors.governor import Governor
 from actors.heartbeat import HeartbeatMonitor
 from actors.lifecycle import die_with_parent
 from actors.reaper import Reaper
@@ -30,6 +31,7 @@ ACTOR_KINDS: dict[str, type[Actor]] = {
     "worker": Worker,
     "heartbeat": HeartbeatMonitor,
     "reaper": Reaper,
+    "governor": Governor,
 }
 
 

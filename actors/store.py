@@ -19,12 +19,13 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from actors.connection import translated_errors
-from actors.exceptions import DuplicateTaskException
+from actors.exceptions import BackpressureException, DuplicateTaskException
 from actors.keys import KeySpace
 from config.settings import Settings
 
 #: Scripts by name; a test checks that this matches the folder exactly.
 SCRIPT_NAMES = (
+    "backpressure",
     "cancel",
     "claim",
     "cleanup",
@@ -39,6 +40,7 @@ SCRIPT_NAMES = (
     "release",
     "renew",
     "requeue_leases",
+    "set_limits",
 )
 
 #: A worker silent this long is forgotten by the cleanup.
@@ -57,6 +59,7 @@ class EnqueueItem:
     priority: int
     max_retries: int
     expires_in_ms: int  # 0 = never
+    rate_keys: str  # space-separated rate keys ("" = none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,8 @@ class TaskStore:
         self._backoff_ms = int(tasks.retry_backoff * 1000)
         self._backoff_max_ms = int(tasks.retry_backoff_max * 1000)
         self.lease_ms = int(settings.heartbeat.timeout * 1000)
+        self._high_watermark = settings.backpressure.high_watermark
+        self._stale_ms = int(settings.backpressure.stale_after * 1000)
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(script_source(name)) for name in SCRIPT_NAMES
         }
@@ -109,8 +114,12 @@ class TaskStore:
             return await self._scripts[name](keys=keys, args=[*self._context, *args])
 
     async def enqueue(self, items: Sequence[EnqueueItem]) -> int:
-        """Store tasks, all or none; returns how many were new."""
-        args: list[Any] = [len(items)]
+        """Store tasks, all or none; returns how many were new.
+
+        Raises ``DuplicateTaskException`` or ``BackpressureException`` (nothing written).
+        """
+        k = self.keys
+        args: list[Any] = [k.gate_prefix, self._high_watermark, self._stale_ms, len(items)]
         for item in items:
             args += [
                 item.request_id,
@@ -118,19 +127,37 @@ class TaskStore:
                 item.priority,
                 item.max_retries,
                 item.expires_in_ms,
+                item.rate_keys,
             ]
-        k = self.keys
-        code, value = await self._run("enqueue", [k.pending, k.seq, k.stats], args)
+        reply = await self._run(
+            "enqueue",
+            [k.pending, k.seq, k.stats, k.backpressure, k.limits, k.paused, k.gates],
+            args,
+        )
+        code, value = int(reply[0]), int(reply[1])
         if code == 0:
-            raise DuplicateTaskException(items[int(value) - 1].request_id)
-        return int(value)
+            raise DuplicateTaskException(items[value - 1].request_id)
+        if code == 2:
+            state = reply[2].decode()
+            raise BackpressureException(value / 1000, f"queue is {state} by backpressure")
+        return value
 
     async def claim(self, worker_id: str, count: int, promote_limit: int = 100) -> ClaimResult:
         k = self.keys
         reply = await self._run(
             "claim",
-            [k.pending, k.running, k.delayed, k.stats],
-            [worker_id, count, self.lease_ms, promote_limit, self._ttl_ms],
+            [
+                k.pending,
+                k.running,
+                k.delayed,
+                k.stats,
+                k.limits,
+                k.rate_state,
+                k.paused,
+                k.breaker,
+                k.gates,
+            ],
+            [worker_id, count, self.lease_ms, promote_limit, self._ttl_ms, k.gate_prefix],
         )
         leases = [
             Lease(reply[i].decode(), int(reply[i + 1]), reply[i + 2])
@@ -146,7 +173,10 @@ class TaskStore:
         args: list[Any] = [worker_id, self._ttl_ms, len(results)]
         for r in results:
             args += [r.request_id, r.attempt, r.data_json, repr(r.execution_time)]
-        codes = await self._run("complete", [self.keys.running, self.keys.stats], args)
+        k = self.keys
+        codes = await self._run(
+            "complete", [k.running, k.stats, k.breaker, k.paused, k.limits], args
+        )
         return [code == 1 for code in codes]
 
     async def fail(
@@ -156,7 +186,7 @@ class TaskStore:
         k = self.keys
         code, delay_ms = await self._run(
             "fail",
-            [k.running, k.delayed, k.dead, k.stats],
+            [k.running, k.delayed, k.dead, k.stats, k.breaker, k.paused, k.limits],
             [
                 worker_id,
                 request_id,
@@ -186,13 +216,28 @@ class TaskStore:
         *,
         reason: str,
         delay: float = 0.0,
+        pause_key: str = "",
+        pause: float = 0.0,
     ) -> int:
-        """Hand leased tasks back without burning an attempt."""
-        args: list[Any] = [worker_id, int(delay * 1000), reason, len(leases)]
+        """Hand leased tasks back without burning an attempt.
+
+        ``delay`` holds them back before they are claimable again;
+        ``pause_key`` pauses that rate key for ``pause`` seconds on every host.
+        """
+        args: list[Any] = [
+            worker_id,
+            int(delay * 1000),
+            reason,
+            pause_key,
+            int(pause * 1000),
+            len(leases),
+        ]
         for request_id, attempt in leases:
             args += [request_id, attempt]
         k = self.keys
-        return int(await self._run("release", [k.running, k.pending, k.delayed, k.stats], args))
+        return int(
+            await self._run("release", [k.running, k.pending, k.delayed, k.stats, k.paused], args)
+        )
 
     async def requeue_expired(self, limit: int = 1000) -> tuple[int, int]:
         """Take back leases past their deadline; returns (requeued, dead-lettered)."""
@@ -217,7 +262,7 @@ class TaskStore:
             await self._run(
                 "cancel",
                 [k.pending, k.delayed, k.running, k.stats],
-                [request_id, reason, self._ttl_ms],
+                [request_id, reason, self._ttl_ms, k.gate_prefix],
             )
         )
 
@@ -261,3 +306,21 @@ class TaskStore:
 
     async def release_lock(self, key: str, owner: str) -> None:
         await self._run("lock", [key], [owner, 0, "release"])
+
+    async def set_limits(self, settings: Settings) -> int:
+        """Publish ``[rate_limits]`` and ``[circuit_breaker]`` for every host."""
+        breaker = settings.circuit_breaker
+        entries: dict[str, str | int | float] = dict(settings.rate_limits)
+        entries["breaker_failures"] = breaker.failures
+        entries["breaker_cooldown_ms"] = int(breaker.cooldown * 1000)
+        args: list[Any] = [len(entries)]
+        for field, value in entries.items():
+            args += [field, value]
+        return int(await self._run("set_limits", [self.keys.limits], args))
+
+    async def publish_backpressure(self, state: str, depth: int, rate: float, drain: float) -> str:
+        """Publish the governor's state; returns the previous one ("" if none)."""
+        previous = await self._run(
+            "backpressure", [self.keys.backpressure], [state, depth, repr(rate), repr(drain)]
+        )
+        return str(previous.decode())

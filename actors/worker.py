@@ -27,6 +27,7 @@ from actors.exceptions import InvalidTaskException, QueueConnectionException, Ra
 from actors.exit_codes import ChildExit
 from actors.models import ensure_json
 from actors.queue import WorkerMonitor
+from actors.ratelimits import domain_key
 from actors.scripts import find_script, set_attempt
 from actors.store import Completion, Lease
 from actors.wakeup import Wakeup
@@ -175,13 +176,18 @@ class Worker(Actor):
             await self._fail(lease, f"timed out after {request.timeout:g}s", False)
             return
         except RateLimited as exc:
+            # Back to the queue without burning an attempt; the site's key
+            # pauses on every host (or, with no site, the task waits).
+            domain = domain_key(request)
             await self._report(
                 "속도 제한 반환",
                 self.queue.store.release(
                     self.actor_id,
                     [(lease.request_id, lease.attempt)],
                     reason="rate_limited",
-                    delay=exc.retry_after,
+                    delay=0 if domain else exc.retry_after,
+                    pause_key=domain or "",
+                    pause=exc.retry_after,
                 ),
             )
             return

@@ -144,6 +144,9 @@ class BackpressureSettings(_Section):
     high_watermark: PositiveInt = 100000
     low_watermark: NonNegativeInt = 80000
     throttle_at: NonNegativeInt = 50000
+    # A governor state older than this is ignored by enqueue, which then only
+    # enforces high_watermark itself (fail open to the hard cap).
+    stale_after: Seconds = 5.0
 
     @field_validator("low_watermark", "throttle_at")
     @classmethod
@@ -156,6 +159,11 @@ class BackpressureSettings(_Section):
         if info.field_name == "throttle_at" and value > high:
             raise ValueError(f"must not exceed backpressure.high_watermark ({high})")
         return value
+
+
+class CircuitBreakerSettings(_Section):
+    failures: NonNegativeInt = 5  # consecutive failures that pause a domain; 0 = off
+    cooldown: Seconds = 30.0  # pause before one probe task is let through
 
 
 class SupervisorSettings(_Section):
@@ -312,6 +320,7 @@ class Settings(BaseSettings):
     heartbeat: HeartbeatSettings = Field(default_factory=HeartbeatSettings)
     backpressure: BackpressureSettings = Field(default_factory=BackpressureSettings)
     rate_limits: dict[RateKey, PositiveFloat] = Field(default_factory=dict)
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
     supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
 
     def __init__(self, **values: Any) -> None:

@@ -45,3 +45,91 @@ local function holds_lease(id, worker, attempt)
   local f = redis.call('HMGET', PREFIX .. id, 'status', 'worker', 'attempt')
   return f[1] == 'running' and f[2] == worker and f[3] == attempt
 end
+
+-- Rate limits -----------------------------------------------------------------
+-- A task names its rate keys in its `rate_keys` field ("domain:HOST script:NAME",
+-- space separated). The limits hash maps a rate key to tasks per second;
+-- `default_domain` applies to every domain key without its own entry. A key
+-- may also be paused (HTTP 429, or its circuit breaker open) until a time.
+-- Starts are counted with GCRA on the Redis clock: a key at rate r admits a
+-- burst of ceil(r) (at least 1), then one start every 1000 / r ms.
+
+local function split_keys(text)
+  local keys = {}
+  for key in string.gmatch(text or '', '%S+') do
+    keys[#keys + 1] = key
+  end
+  return keys
+end
+
+local function rate_of(limits, key)
+  local rate = redis.call('HGET', limits, key)
+  if not rate and string.sub(key, 1, 7) == 'domain:' then
+    rate = redis.call('HGET', limits, 'default_domain')
+  end
+  return rate and tonumber(rate)
+end
+
+-- The first of `keys` that holds tasks back (limited or paused), or nil.
+local function gate_for(limits, paused, keys)
+  for _, key in ipairs(keys) do
+    if redis.call('HEXISTS', paused, key) == 1 or rate_of(limits, key) then
+      return key
+    end
+  end
+  return nil
+end
+
+-- Try to start a task with these rate keys now. Returns 0 and takes a start
+-- from every limited key, or returns the time (ms) it may start and the key
+-- that holds it back, taking nothing.
+local function try_start(limits, state, paused, breaker, keys, now)
+  local wait, blocker = 0, nil
+  local plans = {}
+  for _, key in ipairs(keys) do
+    local until_ms = tonumber(redis.call('HGET', paused, key) or '0')
+    if until_ms > now then
+      if until_ms > wait then wait, blocker = until_ms, key end
+    else
+      if until_ms > 0 then redis.call('HDEL', paused, key) end
+      local rate = rate_of(limits, key)
+      if rate then
+        local interval = 1000 / rate
+        local tolerance = interval * (math.max(1, math.ceil(rate)) - 1)
+        local tat = math.max(tonumber(redis.call('HGET', state, key) or '0'), now)
+        if tat - now > tolerance then
+          if tat - tolerance > wait then wait, blocker = tat - tolerance, key end
+        else
+          plans[#plans + 1] = {key, tat + interval}
+        end
+      end
+    end
+  end
+  if wait > 0 then
+    return wait, blocker
+  end
+  for _, plan in ipairs(plans) do
+    redis.call('HSET', state, plan[1], plan[2])
+  end
+  -- A key whose breaker is open lets this one task through as its probe and
+  -- stays paused until the probe reports (success resumes it, failure re-opens).
+  local threshold = tonumber(redis.call('HGET', limits, 'breaker_failures') or '0')
+  if threshold > 0 then
+    for _, key in ipairs(keys) do
+      if tonumber(redis.call('HGET', breaker, key) or '0') >= threshold then
+        local cooldown = tonumber(redis.call('HGET', limits, 'breaker_cooldown_ms') or '30000')
+        redis.call('HSET', paused, key, now + cooldown)
+      end
+    end
+  end
+  return 0, nil
+end
+
+-- Put a pending task into the gate of `key` (it waits there, keeping its
+-- queue score, until the key admits it) and make sure the key is scheduled.
+local function enter_gate(gates, stats, gate_prefix, key, id, score, ready_at)
+  redis.call('ZADD', gate_prefix .. key, score, id)
+  redis.call('HSET', PREFIX .. id, 'gate', key)
+  redis.call('ZADD', gates, 'NX', ready_at, key)
+  redis.call('HINCRBY', stats, 'gated', 1)
+end

@@ -7,6 +7,7 @@
 -- ARGV[5] request id
 -- ARGV[6] reason
 -- ARGV[7] result ttl in ms
+-- ARGV[8] gate key prefix (a pending task may wait in its rate key's gate)
 --
 -- A running task is cancelled at once in Redis; its worker learns it at its
 -- next lease renewal (renew reports the lease lost) and its late result is
@@ -22,6 +23,10 @@ local now = now_ms()
 redis.call('ZREM', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[3], id)
+local gate = redis.call('HGET', PREFIX .. id, 'gate')
+if gate and redis.call('ZREM', ARGV[8] .. gate, id) == 1 then
+  redis.call('HINCRBY', KEYS[4], 'gated', -1)
+end
 finish(id, 'cancelled', nil, reason, nil, now, ttl_ms)
 redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
 emit('task.cancelled', now, {request_id = id, reason = reason})

@@ -4,20 +4,32 @@
 -- KEYS[2] running  zset id -> lease deadline (ms, Redis clock)
 -- KEYS[3] delayed  zset id -> due time (ms, Redis clock)
 -- KEYS[4] stats    hash of monotonic counters
--- ARGV[5] worker id
--- ARGV[6] count: tasks to claim (0 = only promote; the reaper does that)
--- ARGV[7] lease in ms
--- ARGV[8] at most this many due retries are promoted per call
--- ARGV[9] result ttl in ms (a task past its expires_at is cancelled here)
+-- KEYS[5] limits   hash rate key -> tasks/s
+-- KEYS[6] rate state hash rate key -> GCRA theoretical arrival time (ms)
+-- KEYS[7] paused   hash rate key -> paused until (ms)
+-- KEYS[8] breaker  hash rate key -> consecutive failures
+-- KEYS[9] gates    zset rate key -> when its next task may start (ms)
+-- ARGV[5]  worker id
+-- ARGV[6]  count: tasks to claim (0 = only promote; the reaper does that)
+-- ARGV[7]  lease in ms
+-- ARGV[8]  at most this many due retries are promoted per call
+-- ARGV[9]  result ttl in ms (a task past its expires_at is cancelled here)
+-- ARGV[10] gate key prefix
 --
+-- Rate-limited work never blocks the rest: gated keys whose time has come are
+-- served first, the one that has waited longest first; a task popped from
+-- pending whose key is over its limit (limits changed since its enqueue, or
+-- the key was paused) moves into that key's gate instead of starting.
 -- Each claimed task gets attempt + 1: the attempt is the lease's fencing
 -- token, checked by complete, fail, renew and release.
 -- Returns {wait_ms, id, attempt, request_json, id, attempt, request_json, ...}
---   wait_ms: ms until the next retry is due (-1 if none); lets an idle
---   worker sleep exactly that long instead of polling.
+--   wait_ms: ms until the next retry or gated task is due (-1 if none); lets
+--   an idle worker sleep exactly that long instead of polling.
 
 local worker, count = ARGV[5], tonumber(ARGV[6])
 local lease_ms, promote_limit, ttl_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local gate_prefix = ARGV[10]
+local LIMITS, STATE, PAUSED, BREAKER, GATES = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local now = now_ms()
 
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, promote_limit)
@@ -29,38 +41,100 @@ end
 
 local out = {-1}
 local claimed = 0
-while claimed < count do
+
+-- Lease one task (its rate keys already admitted it); false if it expired.
+local function start(id, request, expires_at)
+  if expires_at and tonumber(expires_at) <= now then
+    finish(id, 'cancelled', nil, 'expired', nil, now, ttl_ms)
+    redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
+    emit('task.cancelled', now, {request_id = id, reason = 'expired'})
+    return
+  end
+  local key = PREFIX .. id
+  local attempt = redis.call('HINCRBY', key, 'attempt', 1)
+  redis.call('HSET', key, 'status', 'running', 'worker', worker, 'started_at', now)
+  redis.call('ZADD', KEYS[2], now + lease_ms, id)
+  emit('task.started', now, {request_id = id, worker_id = worker, attempt = attempt})
+  out[#out + 1] = id
+  out[#out + 1] = attempt
+  out[#out + 1] = request
+  claimed = claimed + 1
+end
+
+-- 1. Gated keys whose next start is due.
+if count > 0 and redis.call('EXISTS', GATES) == 1 then
+  for _, gate in ipairs(redis.call('ZRANGEBYSCORE', GATES, '-inf', now, 'LIMIT', 0, count)) do
+    local queue = gate_prefix .. gate
+    while true do
+      local head = redis.call('ZRANGE', queue, 0, 0)[1]
+      if not head then
+        redis.call('ZREM', GATES, gate)
+        break
+      end
+      local f = redis.call('HMGET', PREFIX .. head, 'request', 'expires_at', 'rate_keys')
+      local wait = 0
+      if f[1] then
+        wait = try_start(LIMITS, STATE, PAUSED, BREAKER, split_keys(f[3]), now)
+      end
+      if wait > 0 then
+        redis.call('ZADD', GATES, wait, gate)
+        break
+      end
+      redis.call('ZREM', queue, head)
+      redis.call('HINCRBY', KEYS[4], 'gated', -1)
+      if f[1] then
+        redis.call('HDEL', PREFIX .. head, 'gate')
+        start(head, f[1], f[2])
+      end
+      if claimed >= count then
+        redis.call('ZADD', GATES, 'XX', now, gate)  -- still due: back of the line
+        break
+      end
+    end
+    if claimed >= count then
+      break
+    end
+  end
+end
+
+-- 2. The main queue.
+local gating = redis.call('EXISTS', LIMITS, PAUSED) > 0
+local diverted = 0
+while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Redis long
   local popped = redis.call('ZPOPMIN', KEYS[1], count - claimed)
   if #popped == 0 then
     break
   end
   for i = 1, #popped, 2 do
     local id = popped[i]
-    local key = PREFIX .. id
-    local fields = redis.call('HMGET', key, 'request', 'expires_at')
-    if not fields[1] then
-      -- the record is gone (purged by an operator): nothing to run
-    elseif fields[2] and tonumber(fields[2]) <= now then
-      finish(id, 'cancelled', nil, 'expired', nil, now, ttl_ms)
-      redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
-      emit('task.cancelled', now, {request_id = id, reason = 'expired'})
-    else
-      local attempt = redis.call('HINCRBY', key, 'attempt', 1)
-      redis.call('HSET', key, 'status', 'running', 'worker', worker, 'started_at', now)
-      redis.call('ZADD', KEYS[2], now + lease_ms, id)
-      emit('task.started', now, {request_id = id, worker_id = worker, attempt = attempt})
-      out[#out + 1] = id
-      out[#out + 1] = attempt
-      out[#out + 1] = fields[1]
-      claimed = claimed + 1
+    local f = redis.call('HMGET', PREFIX .. id, 'request', 'expires_at', 'rate_keys')
+    if f[1] then  -- else the record is gone (purged): nothing to run
+      local wait, blocker = 0, nil
+      if gating and f[3] then
+        wait, blocker = try_start(LIMITS, STATE, PAUSED, BREAKER, split_keys(f[3]), now)
+      end
+      if wait > 0 then
+        enter_gate(GATES, KEYS[4], gate_prefix, blocker, id, popped[i + 1], wait)
+        diverted = diverted + 1
+      else
+        start(id, f[1], f[2])
+      end
     end
   end
 end
 
+if claimed > 0 then
+  redis.call('HINCRBY', KEYS[4], 'started', claimed)
+end
 if claimed < count then
-  local next_due = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-  if #next_due > 0 then
-    out[1] = math.max(0, tonumber(next_due[2]) - now)
+  local next_due = -1
+  for _, zset in ipairs({KEYS[3], GATES}) do
+    local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+    if #first > 0 then
+      local in_ms = math.max(0, tonumber(first[2]) - now)
+      if next_due < 0 or in_ms < next_due then next_due = in_ms end
+    end
   end
+  out[1] = next_due
 end
 return out

@@ -2,6 +2,9 @@
 --
 -- KEYS[1] running  zset id -> lease deadline
 -- KEYS[2] stats    hash of monotonic counters
+-- KEYS[3] breaker  hash rate key -> consecutive failures (a success resets its keys)
+-- KEYS[4] paused   hash rate key -> paused until (a successful breaker probe resumes)
+-- KEYS[5] limits   hash holding breaker_failures
 -- ARGV[5] worker id
 -- ARGV[6] result ttl in ms
 -- ARGV[7] number of results n, then n groups of 4:
@@ -13,6 +16,8 @@
 
 local worker, ttl_ms, n = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
+local breaker_open = redis.call('EXISTS', KEYS[3]) == 1
+local threshold = tonumber(redis.call('HGET', KEYS[5], 'breaker_failures') or '0')
 local codes = {}
 local done = 0
 for i = 1, n do
@@ -20,6 +25,17 @@ for i = 1, n do
   local id, attempt = ARGV[base + 1], ARGV[base + 2]
   if holds_lease(id, worker, attempt) then
     redis.call('ZREM', KEYS[1], id)
+    if breaker_open then
+      for _, key in ipairs(split_keys(redis.call('HGET', PREFIX .. id, 'rate_keys'))) do
+        local failures = tonumber(redis.call('HGET', KEYS[3], key) or '0')
+        if failures > 0 then
+          redis.call('HDEL', KEYS[3], key)
+          if threshold > 0 and failures >= threshold then
+            redis.call('HDEL', KEYS[4], key)  -- the probe succeeded: resume the key
+          end
+        end
+      end
+    end
     finish(id, 'completed', ARGV[base + 3], nil, ARGV[base + 4], now, ttl_ms)
     emit('task.completed', now, {request_id = id, worker_id = worker, attempt = tonumber(attempt)})
     done = done + 1

@@ -1,25 +1,36 @@
--- enqueue: add one or more tasks to the pending queue, all or nothing.
+-- enqueue: add one or more tasks, all or nothing, unless backpressure refuses.
 --
--- KEYS[1] pending   zset id -> score (-priority * 1e12 + sequence): ZPOPMIN
---                   yields the highest priority first, FIFO within one
--- KEYS[2] seq       string, the FIFO sequence counter
--- KEYS[3] stats     hash of monotonic counters
--- ARGV[5] number of tasks n, then n groups of 5:
---         request_id, request_json, priority, max_retries, expires_in_ms (0 = never)
+-- KEYS[1] pending       zset id -> score (-priority * 1e12 + sequence): ZPOPMIN
+--                       yields the highest priority first, FIFO within one
+-- KEYS[2] seq           string, the FIFO sequence counter
+-- KEYS[3] stats         hash of monotonic counters (and `gated`, tasks in gates)
+-- KEYS[4] backpressure  hash published by the governor: state, rate, updated_at,
+--                       drain; enqueue keeps its token bucket there (tokens, tokens_at)
+-- KEYS[5] limits        hash rate key -> tasks/s
+-- KEYS[6] paused        hash rate key -> paused until (ms)
+-- KEYS[7] gates         zset rate key -> when its next task may start (ms)
+-- ARGV[5] gate key prefix
+-- ARGV[6] high watermark: the depth (pending + gated) no enqueue may pass
+-- ARGV[7] governor staleness (ms): older published state is ignored (fail open
+--         to the high watermark) so a dead governor cannot wedge the queue
+-- ARGV[8] number of tasks n, then n groups of 6: request_id, request_json,
+--         priority, max_retries, expires_in_ms (0 = never), rate_keys ("" = none)
 --
--- Returns {code, n}
---   {1, written}: every task is stored; a task whose id already holds the
---                 very same request counts as stored, so a client retry after
---                 a lost reply is harmless (written counts only new ones)
+-- Returns {code, value}
+--   {1, written}: every task is stored; a task whose id already holds the very
+--                 same request counts as stored, so a client retry after a lost
+--                 reply is harmless (written counts only new ones)
 --   {0, index}:   task number `index` (1-based) reuses an existing id with a
 --                 different request; nothing was written
+--   {2, retry_after_ms, state}: refused by backpressure; nothing was written
 
-local n = tonumber(ARGV[5])
+local gate_prefix, high, stale_ms = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
 local now = now_ms()
 
 local fresh = {}
 for i = 1, n do
-  local base = 5 + (i - 1) * 5
+  local base = 8 + (i - 1) * 6
   local existing = redis.call('HGET', PREFIX .. ARGV[base + 1], 'request')
   if existing then
     if existing ~= ARGV[base + 2] then
@@ -29,7 +40,33 @@ for i = 1, n do
     fresh[#fresh + 1] = base
   end
 end
+if #fresh == 0 then
+  return {1, 0}
+end
 
+-- Backpressure: the hard cap first, then the governor's published state.
+local depth = redis.call('ZCARD', KEYS[1]) + tonumber(redis.call('HGET', KEYS[3], 'gated') or '0')
+local bp = redis.call('HMGET', KEYS[4], 'state', 'rate', 'updated_at', 'drain', 'tokens', 'tokens_at')
+local drain = math.max(tonumber(bp[4] or '0'), 1)
+if depth + #fresh > high then
+  return {2, math.min(60000, math.max(1000, (depth + #fresh - high) / drain * 1000)), 'closed'}
+end
+if bp[1] and now - tonumber(bp[3]) <= stale_ms then
+  if bp[1] == 'closed' then
+    return {2, 1000, 'closed'}
+  elseif bp[1] == 'throttled' then
+    local rate = tonumber(bp[2])
+    local burst = math.max(#fresh, rate / 10)
+    local tokens = tonumber(bp[5] or burst)
+    tokens = math.min(burst, tokens + (now - tonumber(bp[6] or now)) * rate / 1000)
+    if tokens < #fresh then
+      return {2, math.ceil((#fresh - tokens) / rate * 1000), 'throttled'}
+    end
+    redis.call('HSET', KEYS[4], 'tokens', tokens - #fresh, 'tokens_at', now)
+  end
+end
+
+local gating = redis.call('EXISTS', KEYS[5], KEYS[6]) > 0
 for _, base in ipairs(fresh) do
   local id = ARGV[base + 1]
   local score = -tonumber(ARGV[base + 3]) * 1e12 + redis.call('INCR', KEYS[2])
@@ -40,12 +77,21 @@ for _, base in ipairs(fresh) do
   if expires_in > 0 then
     redis.call('HSET', key, 'expires_at', now + expires_in)
   end
-  redis.call('ZADD', KEYS[1], score, id)
+  local gate = nil
+  if ARGV[base + 6] ~= '' then
+    redis.call('HSET', key, 'rate_keys', ARGV[base + 6])
+    if gating then
+      gate = gate_for(KEYS[5], KEYS[6], split_keys(ARGV[base + 6]))
+    end
+  end
+  if gate then
+    enter_gate(KEYS[7], KEYS[3], gate_prefix, gate, id, score, now)
+  else
+    redis.call('ZADD', KEYS[1], score, id)
+  end
   emit('task.enqueued', now, {request_id = id})
 end
 
-if #fresh > 0 then
-  redis.call('HINCRBY', KEYS[3], 'enqueued', #fresh)
-  redis.call('PUBLISH', WAKE, #fresh)
-end
+redis.call('HINCRBY', KEYS[3], 'enqueued', #fresh)
+redis.call('PUBLISH', WAKE, #fresh)
 return {1, #fresh}

@@ -5,19 +5,29 @@
 -- KEYS[2] pending  zset id -> priority/FIFO score
 -- KEYS[3] delayed  zset id -> due time
 -- KEYS[4] stats    hash of monotonic counters
+-- KEYS[5] paused   hash rate key -> paused until (ms)
 -- ARGV[5] worker id
 -- ARGV[6] delay in ms: 0 = claimable at once (pending), else retry later (delayed)
 -- ARGV[7] reason (for the event), e.g. "drain", "rate_limited"
--- ARGV[8] number of leases n, then n pairs: request_id, attempt
+-- ARGV[8] rate key to pause ("" = none) and ARGV[9] for how long (ms): a
+--         site answered 429, so the key waits on every host
+-- ARGV[10] number of leases n, then n pairs: request_id, attempt
 --
 -- A task keeps its original place in the queue (its stored score).
 -- Returns the number of tasks handed back (leases not held are skipped).
 
-local worker, delay, reason, n = ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local worker, delay, reason, n = ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[10])
 local now = now_ms()
+if ARGV[8] ~= '' then
+  local until_ms = now + tonumber(ARGV[9])
+  if until_ms > tonumber(redis.call('HGET', KEYS[5], ARGV[8]) or '0') then
+    redis.call('HSET', KEYS[5], ARGV[8], until_ms)
+    emit('rate.paused', now, {key = ARGV[8], reason = reason, seconds = tonumber(ARGV[9]) / 1000})
+  end
+end
 local released = 0
 for i = 1, n do
-  local id, attempt = ARGV[8 + 2 * i - 1], ARGV[8 + 2 * i]
+  local id, attempt = ARGV[10 + 2 * i - 1], ARGV[10 + 2 * i]
   if holds_lease(id, worker, attempt) then
     local key = PREFIX .. id
     redis.call('ZREM', KEYS[1], id)

@@ -1,0 +1,25 @@
+-- backpressure: the governor publishes the queue's admission state.
+--
+-- KEYS[1] backpressure  hash: state, depth, rate (admitted enqueues/s while
+--                       throttled), drain (tasks started/s), updated_at (ms)
+-- ARGV[5] state: open | throttled | closed
+-- ARGV[6] depth (pending + gated)
+-- ARGV[7] admitted rate (tasks/s)
+-- ARGV[8] drain rate (tasks/s)
+--
+-- A change of state publishes backpressure.changed.
+-- Returns the previous state ("" if none was published).
+
+local state = ARGV[5]
+local now = now_ms()
+local previous = redis.call('HGET', KEYS[1], 'state') or ''
+redis.call('HSET', KEYS[1], 'state', state, 'depth', ARGV[6], 'rate', ARGV[7],
+  'drain', ARGV[8], 'updated_at', now)
+if previous ~= state then
+  if state == 'throttled' then
+    redis.call('HDEL', KEYS[1], 'tokens', 'tokens_at')  -- a fresh bucket
+  end
+  emit('backpressure.changed', now,
+    {state = state, previous = previous, depth = tonumber(ARGV[6]), rate = tonumber(ARGV[7])})
+end
+return previous

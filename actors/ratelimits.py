@@ -1,0 +1,39 @@
+"""Which rate keys a task counts against.
+
+Every task counts against ``script:<name>``; a task with a ``rate_key`` or a
+``parameters["url"]`` also counts against ``domain:<rate_key or url host>``.
+Whether a key is limited is decided in Redis (the ``limits`` hash that
+``set_limits.lua`` publishes), so a reload applies to tasks already queued.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from actors.models import ScrapingRequest
+
+_HOST = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
+
+
+def domain_key(request: ScrapingRequest) -> str | None:
+    """``domain:<host>`` for the request, or None if it names no site."""
+    if request.rate_key:
+        return f"domain:{request.rate_key}"
+    url = request.parameters.get("url")
+    if not isinstance(url, str):
+        return None
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    if host is None or not _HOST.match(host):
+        return None
+    return f"domain:{host}"
+
+
+def rate_keys(request: ScrapingRequest) -> str:
+    """The task's rate keys, space separated, the domain first."""
+    domain = domain_key(request)
+    script = f"script:{request.script_name}"
+    return f"{domain} {script}" if domain else script
