@@ -326,6 +326,17 @@ class TaskManager:
     async def purge_dead_letters(self) -> int:
         return await self.queue.store.dlq_purge()
 
+    async def paused_keys(self) -> dict[str, float]:
+        """Rate keys paused now (HTTP 429 or circuit breaker): key -> seconds left."""
+        async with translated_errors():
+            now_ms = await redis_time_ms(self.queue.client)
+            fields: Any = await self.queue.client.hgetall(self.queue.keys.paused)
+        return {
+            key.decode(): (int(until) - now_ms) / 1000
+            for key, until in fields.items()
+            if int(until) > now_ms
+        }
+
     async def queue_stats(self) -> dict[str, int]:
         """Counts per state: current depths and monotonic totals."""
         keys = self.queue.keys
@@ -348,6 +359,12 @@ class TaskManager:
             "enqueued": counters.get("enqueued", 0),
             "gated": gated,  # pending, but waiting for a rate-limited key
         }
+
+
+async def redis_time_ms(client: Redis) -> int:
+    """The Redis server's clock in ms (the one leases and pauses are measured on)."""
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def decode_record(record: dict[bytes, bytes]) -> dict[str, Any]:
@@ -386,7 +403,7 @@ class WorkerMonitor:
         keys = self.queue.keys
         timeout_ms = self.queue.settings.heartbeat.timeout * 1000
         async with translated_errors():
-            seconds, micros = await self.queue.client.time()
+            now_ms = await redis_time_ms(self.queue.client)
             ids: list[bytes] = cast(
                 list[bytes], await self.queue.client.zrange(keys.workers, 0, -1)
             )
@@ -394,7 +411,6 @@ class WorkerMonitor:
             for worker_id in ids:
                 pipe.hgetall(keys.worker(worker_id.decode()))
             records = await pipe.execute()
-        now_ms = seconds * 1000 + micros // 1000
         workers = []
         for record in records:
             if not record:

@@ -66,7 +66,9 @@ def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
 
 async def snapshot(queue: RedisQueue) -> dict[str, Any]:
     """The ``status --json`` object."""
-    stats = await TaskManager(queue).queue_stats()
+    manager = TaskManager(queue)
+    stats = await manager.queue_stats()
+    paused = await manager.paused_keys()
     workers = await WorkerMonitor(queue).get_active_workers()
     async with translated_errors():
         fields: Any = await queue.client.hgetall(queue.keys.backpressure)
@@ -77,6 +79,7 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
         "queue": stats,
         "workers": workers,
         "backpressure": backpressure_view(fields, stats["pending"]),
+        "paused_keys": paused,
     }
 
 
@@ -85,6 +88,9 @@ def print_snapshot(state: dict[str, Any]) -> None:
     print_table(list(queue), [list(queue.values())])
     rate = f", rate {backpressure['rate']}/s" if "rate" in backpressure else ""
     print(f"\nbackpressure: {backpressure['state']} (depth {backpressure['depth']}{rate})")
+    if state["paused_keys"]:
+        paused = ", ".join(f"{key} ({left:.0f}s)" for key, left in state["paused_keys"].items())
+        print(f"paused rate keys: {paused}")
     workers = state["workers"]
     active = sum(1 for w in workers if w.get("status") == "active")
     print(f"\nworkers: {active} active, {len(workers) - active} inactive")
