@@ -11,9 +11,18 @@ import math
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from actors.exceptions import InvalidTaskException
 
@@ -21,6 +30,7 @@ from actors.exceptions import InvalidTaskException
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SCRIPT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_PRIORITY = 1000  # |priority| bound: keeps the queue score exact in a double
+FROM_JSON = "from_json"  # validation context flag: the input is parsed JSON
 
 
 class TaskStatus(StrEnum):
@@ -75,17 +85,27 @@ class ScrapingRequest(BaseModel):
     rate_key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
     created_at: datetime = Field(default_factory=_utcnow)
 
-    def __init__(self, **data: Any) -> None:
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_invalid_task(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        # InvalidTaskException is no ValueError, so pydantic lets it through as is.
         try:
-            super().__init__(**data)
+            return handler(data)
         except ValidationError as exc:
             raise invalid_from(exc) from None
 
     @field_validator("parameters")
     @classmethod
-    def _parameters_are_json(cls, value: dict[str, Any]) -> dict[str, Any]:
-        ensure_json(value, "parameters")
+    def _parameters_are_json(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Parsed from JSON (a stored task), the parameters are JSON already.
+        if not (info.context and info.context.get(FROM_JSON)):
+            ensure_json(value, "parameters")
         return value
+
+    @classmethod
+    def from_stored(cls, raw: bytes) -> ScrapingRequest:
+        """Parse a stored task; raises ValidationError (a ValueError) if it is corrupt."""
+        return cls.model_validate_json(raw, context={FROM_JSON: True})
 
     @field_validator("timeout", "expires_in")
     @classmethod

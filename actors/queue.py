@@ -193,7 +193,7 @@ class RedisQueue:
     async def decode_lease(self, worker_id: str, lease: Lease) -> ScrapingRequest | None:
         """The request of a lease; a corrupt record is dead-lettered, not crashed on."""
         try:
-            return ScrapingRequest.model_validate_json(lease.request_json)
+            return ScrapingRequest.from_stored(lease.request_json)
         except (InvalidTaskException, ValueError) as exc:
             logger.error("작업 %s 의 저장된 요청이 손상됨, 격리함: %s", lease.request_id, exc)
             await self.store.fail(
