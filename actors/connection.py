@@ -48,7 +48,10 @@ def create_client(settings: Settings, *, max_connections: int = MAX_CONNECTIONS)
 
 
 def is_oom(error: redis_errors.ResponseError) -> bool:
-    return str(error).startswith("OOM")
+    """Redis refused a write at maxmemory (also when wrapped in a script error)."""
+    if isinstance(error, redis_errors.OutOfMemoryError):
+        return True
+    return "OOM command not allowed" in str(error)  # wrapped: "Error running script ..."
 
 
 @asynccontextmanager

@@ -1,6 +1,7 @@
 """Wake idle consumers when tasks become claimable, without polling Redis.
 
-The enqueue, release and requeue scripts publish on the queue's wake channel.
+The enqueue, release and requeue scripts publish on the queue's wake channel
+(``in:<ms>`` when a retry becomes claimable after its backoff).
 A subscription that stays open is race-free: a message published while the
 consumer was busy claiming is buffered and wakes its next wait.
 """
@@ -71,7 +72,14 @@ class Wakeup:
                 await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                 continue
             failures = 0
-            # A renewed subscription (after a reconnect) wakes too: tasks may
-            # have arrived while the connection was down.
-            if message is not None:
+            if message is None:
+                continue
+            data = message.get("data")
+            if isinstance(data, bytes) and data.startswith(b"in:"):
+                # A retry becomes due later: wake then, not at the next idle poll.
+                loop = asyncio.get_running_loop()
+                loop.call_later(int(data[3:]) / 1000, self._event.set)
+            else:
+                # Tasks are claimable now. A renewed subscription (after a
+                # reconnect) wakes too: tasks may have come while it was down.
                 self._event.set()

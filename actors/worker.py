@@ -139,13 +139,22 @@ class Worker(Actor):
                 await self.wakeup.wait(wait)
 
     def _start(self, lease: Lease) -> None:
+        stale = self.running.get(lease.request_id)
+        if stale is not None:
+            # This worker stalled, lost the lease and claimed the task again:
+            # the old run's results would be refused anyway.
+            stale.task.cancel()
         task = asyncio.create_task(self._execute(lease))
         self.running[lease.request_id] = RunningTask(lease.attempt, task)
-        task.add_done_callback(lambda _: self._finished(lease.request_id))
+        task.add_done_callback(lambda done: self._finished(lease.request_id, done))
 
-    def _finished(self, request_id: str) -> None:
-        self.running.pop(request_id, None)
+    def _finished(self, request_id: str, task: asyncio.Task[None]) -> None:
+        running = self.running.get(request_id)
+        if running is not None and running.task is task:
+            del self.running[request_id]
         self.slot_free.set()
+        if task.cancelled():
+            return  # lease lost or handed back: not a processed task
         self.tasks_processed += 1
         if self.recycle_after and self.tasks_processed >= self.recycle_after:
             self.recycle(f"max_tasks_per_child={self.settings.worker.max_tasks_per_child}")

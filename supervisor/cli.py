@@ -139,3 +139,7 @@ def report(exc: ConfigError | QueueError, settings: Settings | None) -> int:
 def main() -> None:
     """Console-script entry point: ``supervisor ...`` exits with the command's status."""
     sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,8 @@
 --           the KEYS the script was given (Redis Cluster safe).
 --   ARGV[2] events channel (JSON events for live views)
 --   ARGV[3] done channel prefix: DONE .. id carries a task's final response
---   ARGV[4] wake channel: told whenever tasks become claimable
+--   ARGV[4] wake channel: told whenever tasks become claimable (a number),
+--           or will be in N ms ("in:N", a retry's backoff)
 -- Script-specific arguments start at ARGV[5].
 
 local PREFIX, EVENTS, DONE, WAKE = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -36,6 +37,17 @@ local function finish(id, status, data_json, err, exec_time, now, ttl_ms)
   redis.call('HSET', key, 'status', status, 'response', response, 'finished_at', now)
   redis.call('PEXPIRE', key, ttl_ms)
   redis.call('PUBLISH', DONE .. id, response)
+end
+
+-- Append a failed attempt to the task's history (the last 20 are kept).
+local function add_history(id, attempt, err, worker, now)
+  local key = PREFIX .. id
+  local history = cjson.decode(redis.call('HGET', key, 'history') or '[]')
+  history[#history + 1] = {attempt = tonumber(attempt), error = err, worker = worker, at = now / 1000}
+  if #history > 20 then
+    table.remove(history, 1)
+  end
+  redis.call('HSET', key, 'history', cjson.encode(history), 'error', err)
 end
 
 -- The fencing check: a report counts only from the worker that holds the

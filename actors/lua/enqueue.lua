@@ -29,15 +29,18 @@ local n = tonumber(ARGV[8])
 local now = now_ms()
 
 local fresh = {}
+local in_batch = {}  -- id -> request, for ids repeated within this call
 for i = 1, n do
   local base = 8 + (i - 1) * 6
-  local existing = redis.call('HGET', PREFIX .. ARGV[base + 1], 'request')
+  local id, request = ARGV[base + 1], ARGV[base + 2]
+  local existing = in_batch[id] or redis.call('HGET', PREFIX .. id, 'request')
   if existing then
-    if existing ~= ARGV[base + 2] then
+    if existing ~= request then
       return {0, i}
     end
   else
     fresh[#fresh + 1] = base
+    in_batch[id] = request
   end
 end
 if #fresh == 0 then

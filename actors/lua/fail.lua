@@ -38,12 +38,7 @@ if not holds_lease(id, worker, attempt) then
 end
 local now = now_ms()
 local key = PREFIX .. id
-local history = cjson.decode(redis.call('HGET', key, 'history') or '[]')
-history[#history + 1] = {attempt = tonumber(attempt), error = err, worker = worker, at = now / 1000}
-if #history > 20 then
-  table.remove(history, 1)
-end
-redis.call('HSET', key, 'history', cjson.encode(history), 'error', err)
+add_history(id, attempt, err, worker, now)
 redis.call('ZREM', KEYS[1], id)
 
 local threshold = tonumber(redis.call('HGET', KEYS[7], 'breaker_failures') or '0')
@@ -74,6 +69,7 @@ delay = math.floor(math.min(backoff_max, delay * (0.75 + 0.5 * jitter)))
 redis.call('HSET', key, 'status', 'retrying')
 redis.call('ZADD', KEYS[2], now + delay, id)
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
+redis.call('PUBLISH', WAKE, 'in:' .. delay)  -- idle workers wake when it is due
 emit('task.retrying', now,
   {request_id = id, worker_id = worker, attempt = tonumber(attempt), error = err, delay = delay / 1000})
 return {1, delay}

@@ -46,8 +46,6 @@ for i = 1, n do
 end
 if released > 0 then
   redis.call('HINCRBY', KEYS[4], 'requeued', released)
-  if delay == 0 then
-    redis.call('PUBLISH', WAKE, released)
-  end
+  redis.call('PUBLISH', WAKE, delay == 0 and released or ('in:' .. delay))
 end
 return released

@@ -10,8 +10,8 @@
 -- ARGV[6] worker id (selector "worker") or the most leases to take (selector "expired")
 -- ARGV[7] result ttl in ms
 --
--- The lost attempt counts toward max_retries, so a poison task that kills
--- its worker every time ends in the dead-letter queue.
+-- The lost attempt counts toward max_retries (and joins the task's history),
+-- so a poison task that kills its worker every time ends in the dead-letter queue.
 -- Returns {requeued, dead_lettered}.
 
 local selector, ttl_ms = ARGV[5], tonumber(ARGV[7])
@@ -34,15 +34,15 @@ for _, id in ipairs(ids) do
   local f = redis.call('HMGET', key, 'status', 'attempt', 'max_retries', 'worker', 'score')
   if f[1] == 'running' then
     local err = 'worker lost: lease of attempt ' .. f[2] .. ' was not renewed'
+    add_history(id, f[2], err, f[4] or '', now)
     if tonumber(f[2]) > tonumber(f[3]) then
       redis.call('ZADD', KEYS[3], now, id)
-      redis.call('HSET', key, 'error', err)
       finish(id, 'failed', nil, err, nil, now, ttl_ms)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
       emit('task.failed', now, {request_id = id, worker_id = f[4], attempt = tonumber(f[2]), error = err})
       dead = dead + 1
     else
-      redis.call('HSET', key, 'status', 'pending', 'error', err)
+      redis.call('HSET', key, 'status', 'pending')
       redis.call('HDEL', key, 'worker')
       redis.call('ZADD', KEYS[2], f[5], id)
       emit('task.requeued', now, {request_id = id, worker_id = f[4], reason = 'lease_expired'})
