@@ -1,0 +1,122 @@
+"""``supervisor start``: embedded Redis, start-up checks, metrics, then the process tree.
+
+Order matters. The embedded redis-server is started here in the main thread
+(its parent-death signal is tied to the thread that forks it) before the
+event loop, and stopped last, after every actor has drained and handed its
+tasks back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import uvloop
+
+from actors.exceptions import QueueConnectionException
+from actors.exit_codes import CliExit
+from actors.queue import RedisQueue
+from config.settings import Settings
+from supervisor.cli_common import redacted_url
+from supervisor.embedded import should_start_embedded, start_embedded
+from supervisor.logs import configure_logging
+from supervisor.metrics import MetricsServer, start_metrics_server
+from supervisor.notify import SystemdNotifier
+from supervisor.process_backend import SpawnBackend
+from supervisor.redis_checks import EpochGuard, EvictionPolicyError, check_eviction_policy
+from supervisor.redis_server import RedisServer, RedisServerError
+from supervisor.signals import SignalCommands
+from supervisor.tree import ProcessTree
+
+logger = logging.getLogger(__name__)
+
+
+def run_supervisor(settings: Settings, config_path: Path | None) -> int:
+    """Run the supervisor in the foreground until drained; returns its exit status.
+
+    ``config_path`` is the file SIGHUP re-reads (None: defaults and env only).
+    Must be called from the main thread.
+    """
+    if not logging.getLogger().handlers:  # the CLI has configured it already
+        configure_logging()
+    try:
+        embedded = _start_embedded(settings)
+    except ValueError as exc:
+        logger.error("내장 Redis 설정 오류: %s", exc)
+        return CliExit.USAGE
+    except RedisServerError as exc:
+        logger.error("내장 Redis를 시작할 수 없습니다: %s", exc)
+        return CliExit.REDIS_UNREACHABLE
+    try:
+        metrics = _start_metrics(settings)
+        try:
+            return uvloop.run(_serve(settings, config_path))
+        finally:
+            if metrics is not None:
+                metrics.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _start_embedded(settings: Settings) -> RedisServer | None:
+    if not should_start_embedded(settings.redis.embedded, settings.redis.url):
+        return None
+    return start_embedded(settings.redis.url, settings.supervisor.state_dir)
+
+
+def _start_metrics(settings: Settings) -> MetricsServer | None:
+    """The /metrics server; a port that cannot be bound is logged, not fatal."""
+    try:
+        return start_metrics_server(settings)
+    except OSError as exc:
+        logger.error(
+            "메트릭 포트 %d 를 열 수 없어 메트릭 없이 계속합니다: %s",
+            settings.supervisor.metrics_port,
+            exc,
+        )
+        return None
+
+
+def _loader(config_path: Path | None) -> Settings:
+    return Settings.from_file(config_path) if config_path is not None else Settings()
+
+
+async def _serve(settings: Settings, config_path: Path | None) -> int:
+    with SignalCommands() as signals:
+        return await _connect_and_supervise(settings, config_path, signals)
+
+
+async def _connect_and_supervise(
+    settings: Settings, config_path: Path | None, signals: SignalCommands
+) -> int:
+    url = redacted_url(settings.redis.url)
+    queue = RedisQueue(settings)
+    try:
+        await queue.connect()
+        await check_eviction_policy(queue.client)
+        epoch = EpochGuard(queue.client, queue.keys)
+        await epoch.establish()
+        await queue.store.set_limits(settings)
+        if signals.stop_requested:
+            logger.info("시작 중에 종료 신호를 받아 액터를 시작하지 않고 종료합니다")
+            return CliExit.OK
+        with SystemdNotifier() as notifier:
+            tree = ProcessTree(
+                settings,
+                queue,
+                SpawnBackend(),
+                epoch,
+                load_settings=lambda: _loader(config_path),
+                notifier=notifier,
+            )
+            signals.forward_to(tree.command)
+            return await tree.run()
+    except QueueConnectionException as exc:
+        logger.error("Redis(%s)에 연결할 수 없어 시작하지 않습니다: %s", url, exc)
+        return CliExit.REDIS_UNREACHABLE
+    except EvictionPolicyError as exc:
+        logger.error("Redis(%s) 설정 때문에 시작을 거부합니다: %s", url, exc)
+        return CliExit.USAGE
+    finally:
+        await queue.close()

@@ -1,0 +1,115 @@
+"""Checks of the Redis server the queue lives in: at start, and on every health tick.
+
+* An evicting ``maxmemory-policy`` silently drops task keys under memory
+  pressure, so the supervisor refuses to start on one (`check_eviction_policy`).
+* A Redis restarted without persistence comes back empty, and an empty queue
+  looks perfectly healthy. `EpochGuard` keeps a random marker key in Redis and
+  reports loudly when it disappears (and when the server's ``run_id`` changes).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from actors.connection import translated_errors
+from actors.keys import KeySpace
+
+logger = logging.getLogger(__name__)
+
+
+class EvictionPolicyError(Exception):
+    """The server may evict keys; the queue would lose tasks."""
+
+
+async def check_eviction_policy(client: Redis) -> None:
+    """Raise `EvictionPolicyError` unless ``maxmemory-policy`` is ``noeviction``.
+
+    A server that does not let us read its config (an ACL without ``CONFIG``,
+    a managed service that renamed the command) is logged and accepted.
+    """
+    try:
+        async with translated_errors():
+            reply = await client.config_get("maxmemory-policy")
+    except redis_errors.ResponseError as exc:
+        logger.warning("Redis maxmemory-policy를 확인할 수 없어 검사를 건너뜁니다: %s", exc)
+        return
+    # One parameter asked for; redis-py returns its name as str or bytes by version.
+    raw = next(iter(reply.values()), None)
+    if raw is None:
+        logger.warning("Redis가 maxmemory-policy 값을 알려주지 않아 검사를 건너뜁니다")
+        return
+    policy = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if policy != "noeviction":
+        raise EvictionPolicyError(
+            f"maxmemory-policy is {policy!r}: Redis may evict task keys and lose tasks; "
+            "set 'maxmemory-policy noeviction' on the server"
+        )
+
+
+class EpochGuard:
+    """Detects a Redis that came back without its data.
+
+    `establish` creates ``<base>epoch`` with a random value unless it exists
+    (another supervisor of the same queue may have made it) and remembers the
+    value and the server's ``run_id``. `check` compares both again.
+    """
+
+    def __init__(self, client: Redis, keys: KeySpace) -> None:
+        self._client = client
+        self._key = keys.epoch
+        self._epoch: bytes | None = None
+        self._run_id: str | None = None
+
+    async def establish(self) -> None:
+        self._epoch = await self._ensure_epoch()
+        self._run_id = await self._server_run_id()
+        logger.info("Redis 세대 키 확인 (run_id=%s)", self._run_id)
+
+    async def check(self) -> bool:
+        """True when the data is the data we started with; logs and repairs otherwise.
+
+        Raises ``QueueConnectionException`` when Redis cannot be reached.
+        """
+        async with translated_errors():
+            current = await self._client.get(self._key)
+        run_id = await self._server_run_id()
+        if run_id != self._run_id:
+            logger.warning("Redis 서버가 재시작되었습니다 (run_id %s → %s)", self._run_id, run_id)
+            self._run_id = run_id
+        if current is not None and current == self._epoch:
+            return True
+        if current is None:
+            logger.error(
+                "!!! Redis 데이터 유실 감지: 세대 키 %s 가 사라졌습니다. Redis가 영속성 없이 "
+                "재시작되었거나 데이터가 삭제되었습니다. 대기 중·실행 중이던 작업이 "
+                "사라졌을 수 있습니다. Redis의 appendonly 설정을 확인하세요 !!!",
+                self._key,
+            )
+        else:
+            logger.error(
+                "!!! Redis 데이터 교체 감지: 세대 키 %s 의 값이 바뀌었습니다. 다른 곳에서 "
+                "데이터 유실을 먼저 감지했거나 다른 데이터셋으로 바뀌었습니다 !!!",
+                self._key,
+            )
+        self._epoch = await self._ensure_epoch()
+        return False
+
+    async def _ensure_epoch(self) -> bytes:
+        """The epoch in Redis: ours if there was none, else the one already there."""
+        candidate = uuid.uuid4().hex.encode()
+        async with translated_errors():
+            while True:  # repeats only if the key is deleted between SET NX and GET
+                if await self._client.set(self._key, candidate, nx=True):
+                    return candidate
+                value = await self._client.get(self._key)
+                if isinstance(value, bytes):
+                    return value
+
+    async def _server_run_id(self) -> str:
+        async with translated_errors():
+            info = await self._client.info("server")
+        return str(info.get("run_id", ""))

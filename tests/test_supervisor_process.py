@@ -1,0 +1,382 @@
+"""``supervisor start`` as a real process tree: signals, orphans, systemd notify, embedded Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis.asyncio
+from helpers import wait_for
+from test_supervisor_tree import configured, write_config
+
+from actors.models import ScrapingRequest, TaskStatus
+from actors.queue import RedisQueue, TaskManager, WorkerMonitor
+from config.settings import Settings
+from supervisor.redis_checks import check_eviction_policy
+from supervisor.redis_server import RedisServer, free_port, is_ready
+from supervisor.tree import SINGLETON_KINDS
+
+SUPERVISOR = Path(sys.executable).with_name("supervisor")
+START_TIMEOUT = 30.0
+"""Generous: each actor is a fresh interpreter, and CI machines may have two cores."""
+DRAIN_TIMEOUT = 3.0
+
+
+@dataclass
+class Supervisor:
+    """One running ``supervisor start``; its stderr goes to ``log``."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def send(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    async def exit_code(self, timeout: float) -> int:
+        return await asyncio.to_thread(self.process.wait, timeout)
+
+    def tree(self) -> list[psutil.Process]:
+        return psutil.Process(self.pid).children(recursive=True)
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+@dataclass
+class Launcher:
+    tmp_path: Path
+    started: list[Supervisor] = field(default_factory=list)
+
+    def __call__(self, config: Path, env: dict[str, str] | None = None) -> Supervisor:
+        log = self.tmp_path / f"supervisor-{len(self.started)}.log"
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(
+                [str(SUPERVISOR), "start", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**os.environ, **(env or {})},
+            )
+        supervisor = Supervisor(process, log)
+        self.started.append(supervisor)
+        return supervisor
+
+    def kill_all(self) -> None:
+        for supervisor in self.started:
+            if supervisor.process.poll() is not None:
+                continue
+            leftovers = supervisor.tree()
+            supervisor.process.kill()
+            supervisor.process.wait()
+            for child in leftovers:
+                child.kill()
+            psutil.wait_procs(leftovers, timeout=5)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path)
+    yield launcher
+    launcher.kill_all()
+
+
+@pytest.fixture
+async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
+    async with RedisQueue(settings) as q:
+        yield q
+
+
+def running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever adopted it)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        return running(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def config_file(
+    tmp_path: Path, settings: Settings, processes: int, **sections: dict[str, Any]
+) -> Path:
+    settings = configured(settings, supervisor={"drain_timeout": DRAIN_TIMEOUT}, **sections)
+    return write_config(tmp_path / "scrapeq.toml", settings, processes=processes)
+
+
+async def worker_pids(queue: RedisQueue, supervisor: Supervisor) -> set[int]:
+    """Pids of the supervisor's live children that are registered, active workers."""
+    children = {child.pid for child in psutil.Process(supervisor.pid).children() if running(child)}
+    workers = await WorkerMonitor(queue).get_active_workers()
+    return {w["pid"] for w in workers if w["status"] == "active" and w.get("pid") in children}
+
+
+async def wait_for_workers(
+    queue: RedisQueue, supervisor: Supervisor, count: int, timeout: float = START_TIMEOUT
+) -> set[int]:
+    async def settled() -> bool:
+        assert supervisor.process.poll() is None, supervisor.output()
+        return len(await worker_pids(queue, supervisor)) == count
+
+    await wait_for(settled, timeout=timeout, interval=0.1, message=f"{count} workers")
+    return await worker_pids(queue, supervisor)
+
+
+async def test_sigkilled_supervisor_leaves_no_child_alive_after_two_seconds(
+    settings: Settings, queue: RedisQueue, launch: Launcher, tmp_path: Path
+) -> None:
+    supervisor = launch(config_file(tmp_path, settings, processes=2))
+    await wait_for_workers(queue, supervisor, 2)
+    children = supervisor.tree()
+    assert len(children) >= 2 + len(SINGLETON_KINDS)
+
+    supervisor.process.kill()
+    supervisor.process.wait()
+    killed_at = time.monotonic()
+
+    await wait_for(lambda: not any(running(c) for c in children), timeout=2.5, interval=0.05)
+    assert time.monotonic() - killed_at <= 2.0
+
+
+async def test_sigterm_lets_the_running_task_finish_and_exits_0_within_the_drain_timeout(
+    settings: Settings, queue: RedisQueue, launch: Launcher, tmp_path: Path
+) -> None:
+    supervisor = launch(config_file(tmp_path, settings, processes=1))
+    await wait_for_workers(queue, supervisor, 1)
+    tasks = TaskManager(queue)
+    request_id = await queue.enqueue_task(
+        ScrapingRequest(script_name="sleep", parameters={"seconds": 1.0})
+    )
+
+    async def started() -> bool:
+        return await tasks.get_task_status(request_id) is TaskStatus.RUNNING
+
+    await wait_for(started, timeout=10, message=supervisor.output())
+    children = supervisor.tree()
+    supervisor.send(signal.SIGTERM)
+
+    assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0, supervisor.output()
+    assert await tasks.get_task_status(request_id) is TaskStatus.COMPLETED
+    # The multiprocessing resource tracker ends when the supervisor's pipe closes.
+    await wait_for(lambda: not any(running(c) for c in children), timeout=2)
+
+
+async def test_second_sigterm_hands_the_running_task_back_at_once(
+    settings: Settings, queue: RedisQueue, launch: Launcher, tmp_path: Path
+) -> None:
+    patient = configured(settings, supervisor={"drain_timeout": 60})
+    supervisor = launch(write_config(tmp_path / "scrapeq.toml", patient, processes=1))
+    await wait_for_workers(queue, supervisor, 1)
+    tasks = TaskManager(queue)
+    request_id = await queue.enqueue_task(
+        ScrapingRequest(script_name="sleep", parameters={"seconds": 60})
+    )
+
+    async def started() -> bool:
+        return await tasks.get_task_status(request_id) is TaskStatus.RUNNING
+
+    await wait_for(started, timeout=10, message=supervisor.output())
+    supervisor.send(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    supervisor.send(signal.SIGTERM)
+
+    assert await supervisor.exit_code(5) == 0, supervisor.output()
+    assert await tasks.get_task_status(request_id) is TaskStatus.PENDING
+
+
+async def test_sighup_with_a_changed_process_count_resizes_the_pool(
+    settings: Settings, queue: RedisQueue, launch: Launcher, tmp_path: Path
+) -> None:
+    config = config_file(tmp_path, settings, processes=1)
+    supervisor = launch(config)
+    first = await wait_for_workers(queue, supervisor, 1)
+
+    config_file(tmp_path, settings, processes=3)
+    supervisor.send(signal.SIGHUP)
+    grown = await wait_for_workers(queue, supervisor, 3)
+
+    assert first < grown  # the running worker was kept
+    supervisor.send(signal.SIGTERM)
+    assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0
+
+
+async def test_sigttin_and_sigttou_add_and_remove_one_worker_process(
+    settings: Settings, queue: RedisQueue, launch: Launcher, tmp_path: Path
+) -> None:
+    supervisor = launch(config_file(tmp_path, settings, processes=1))
+    await wait_for_workers(queue, supervisor, 1)
+
+    supervisor.send(signal.SIGTTIN)
+    await wait_for_workers(queue, supervisor, 2)
+    supervisor.send(signal.SIGTTOU)
+    await wait_for_workers(queue, supervisor, 1)
+    supervisor.send(signal.SIGTTOU)
+    supervisor.send(signal.SIGTTOU)
+    await wait_for_workers(queue, supervisor, 0)
+
+    supervisor.send(signal.SIGTERM)
+    assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0
+
+
+async def test_sigstopped_worker_is_killed_and_replaced(
+    settings: Settings, queue: RedisQueue, launch: Launcher, tmp_path: Path
+) -> None:
+    supervisor = launch(config_file(tmp_path, settings, processes=2))
+    before = await wait_for_workers(queue, supervisor, 2)
+    frozen = min(before)
+
+    os.kill(frozen, signal.SIGSTOP)
+
+    async def replaced() -> bool:
+        pids = await worker_pids(queue, supervisor)
+        return len(pids) == 2 and frozen not in pids
+
+    await wait_for(replaced, timeout=START_TIMEOUT, interval=0.1, message=supervisor.output())
+    assert not pid_running(frozen)
+    supervisor.send(signal.SIGTERM)
+    assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[socket.socket]:
+    """A datagram socket standing in for systemd's notify socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(0.2)
+        yield sock
+
+
+async def next_message(sock: socket.socket) -> str | None:
+    """One datagram, or None after the socket's own short timeout."""
+    try:
+        return (await asyncio.to_thread(sock.recv, 4096)).decode()
+    except TimeoutError:
+        return None
+
+
+async def collect_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout
+    while wanted not in messages:
+        assert time.monotonic() < deadline, f"no {wanted} within {timeout} s: {messages}"
+        message = await next_message(sock)
+        if message is not None:
+            messages.append(message)
+    return messages
+
+
+async def test_notify_socket_receives_ready_watchdog_and_stopping(
+    settings: Settings, launch: Launcher, manager: socket.socket, tmp_path: Path
+) -> None:
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+    supervisor = launch(config_file(tmp_path, settings, processes=2), env=env)
+
+    messages = await collect_until(manager, "READY=1", START_TIMEOUT)
+    messages += await collect_until(manager, "WATCHDOG=1", 5)
+    supervisor.send(signal.SIGTERM)
+    messages += await collect_until(manager, "STOPPING=1", 5)
+
+    assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0
+    assert any(m.startswith("STATUS=workers 2/2") for m in messages), messages
+    assert messages.index("READY=1") < messages.index("STOPPING=1")
+
+
+async def test_embedded_redis_is_started_when_none_listens_and_keeps_data_across_restarts(
+    settings: Settings, launch: Launcher, manager: socket.socket, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = config_file(
+        tmp_path,
+        settings,
+        processes=0,
+        redis={"url": f"redis://127.0.0.1:{port}/0", "embedded": "auto"},
+    )
+    address = ("127.0.0.1", port)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+
+    first = launch(config, env)
+    await collect_until(manager, "READY=1", START_TIMEOUT)
+    client = redis.asyncio.Redis(port=port)
+    try:
+        await client.set("written-before-restart", "kept")
+    finally:
+        await client.aclose()
+    first.send(signal.SIGTERM)
+    assert await first.exit_code(DRAIN_TIMEOUT + 5) == 0, first.output()
+    assert not is_ready(address)
+
+    second = launch(config, env)
+    await collect_until(manager, "READY=1", START_TIMEOUT)
+    client = redis.asyncio.Redis(port=port)
+    try:
+        assert await client.get("written-before-restart") == b"kept"
+    finally:
+        await client.aclose()
+    second.send(signal.SIGTERM)
+    assert await second.exit_code(DRAIN_TIMEOUT + 5) == 0, second.output()
+    assert (tmp_path / "state" / "redis").is_dir()
+
+
+async def test_refuses_to_start_on_a_redis_that_may_evict_keys(
+    settings: Settings, launch: Launcher, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "evicting", extra={"maxmemory-policy": "allkeys-lru"})
+    server.start()
+    try:
+        supervisor = launch(config_file(tmp_path, settings, processes=1, redis={"url": server.url}))
+        assert await supervisor.exit_code(START_TIMEOUT) == 2
+    finally:
+        server.stop()
+    assert "maxmemory-policy" in supervisor.output()
+    assert "allkeys-lru" in supervisor.output()
+
+
+async def test_unreachable_redis_without_embedded_exits_5(
+    settings: Settings, launch: Launcher, tmp_path: Path
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    supervisor = launch(config_file(tmp_path, settings, processes=1, redis={"url": url}))
+
+    assert await supervisor.exit_code(START_TIMEOUT) == 5
+    assert "Redis" in supervisor.output()
+
+
+async def test_eviction_check_is_skipped_when_the_user_may_not_read_the_config(
+    redis_server: RedisServer,
+    redis_client: redis.asyncio.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    user = f"noconfig-{uuid.uuid4().hex[:8]}"
+    await redis_client.acl_setuser(
+        user, enabled=True, passwords=["+secret"], commands=["+@all", "-config"], keys=["*"]
+    )
+    client = redis.asyncio.Redis(
+        host=redis_server.host, port=redis_server.port, username=user, password="secret"
+    )
+    try:
+        await check_eviction_policy(client)
+    finally:
+        await client.aclose()
+        await redis_client.acl_deluser(user)
+
+    assert "maxmemory-policy를 확인할 수 없어" in caplog.text
