@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio
+from supervisor_harness import Launcher
 
+from actors.queue import RedisQueue, TaskManager
 from config.settings import Settings
 from supervisor.redis_server import RedisServer
 
@@ -81,3 +83,23 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     client = redis.asyncio.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
+    """A connected RedisQueue on the test's key prefix."""
+    async with RedisQueue(settings) as connected:
+        yield connected
+
+
+@pytest.fixture
+def manager(queue: RedisQueue) -> TaskManager:
+    return TaskManager(queue)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launcher]:
+    """Starts ``supervisor start`` processes; kills whatever is left of them afterwards."""
+    launcher = Launcher(tmp_path)
+    yield launcher
+    launcher.kill_all()

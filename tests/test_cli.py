@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,12 +30,6 @@ def config(settings: Settings, tmp_path: Path) -> str:
     return str(
         write_config(tmp_path / "scrapeq.toml", settings.redis.url, settings.redis.key_prefix)
     )
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as q:
-        yield q
 
 
 async def cli(*argv: str) -> int:

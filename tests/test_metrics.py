@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis.asyncio
@@ -22,12 +22,6 @@ def server(settings: Settings) -> Iterator[MetricsServer]:
     metrics = MetricsServer(settings, host="127.0.0.1", port=0)
     yield metrics
     metrics.close()
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as q:
-        yield q
 
 
 def fetch(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -34,17 +34,6 @@ def derive(settings: Settings, **sections: dict[str, Any]) -> Settings:
     return Settings.model_validate(data)
 
 
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as connected:
-        yield connected
-
-
-@pytest.fixture
-def manager(queue: RedisQueue) -> TaskManager:
-    return TaskManager(queue)
-
-
 def request(**fields: Any) -> ScrapingRequest:
     return ScrapingRequest(**{"script_name": "echo", **fields})
 

@@ -32,17 +32,6 @@ async def _restore_signals() -> AsyncIterator[None]:
         signal.signal(signum, handler)
 
 
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as connected:
-        yield connected
-
-
-@pytest.fixture
-def manager(queue: RedisQueue) -> TaskManager:
-    return TaskManager(queue)
-
-
 @contextlib.asynccontextmanager
 async def running(*actors: Actor) -> AsyncIterator[dict[str, asyncio.Task[int]]]:
     """Run actors on this loop; each one still running at the end is stopped and awaited."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -32,12 +31,6 @@ def derive(settings: Settings, **sections: dict[str, Any]) -> Settings:
     for section, values in sections.items():
         data[section] = {**data[section], **values}
     return Settings.model_validate(data)
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as connected:
-        yield connected
 
 
 @pytest.fixture

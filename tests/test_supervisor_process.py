@@ -6,140 +6,33 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import psutil
 import pytest
 import redis.asyncio
 from helpers import wait_for
-from test_supervisor_tree import configured, write_config
+from supervisor_harness import (
+    DRAIN_TIMEOUT,
+    START_TIMEOUT,
+    Launcher,
+    config_file,
+    configured,
+    pid_running,
+    running,
+    wait_for_workers,
+    worker_pids,
+    write_config,
+)
 
 from actors.models import ScrapingRequest, TaskStatus
-from actors.queue import RedisQueue, TaskManager, WorkerMonitor
+from actors.queue import RedisQueue, TaskManager
 from config.settings import Settings
 from supervisor.redis_checks import check_eviction_policy
 from supervisor.redis_server import RedisServer, free_port, is_ready
 from supervisor.tree import SINGLETON_KINDS
-
-SUPERVISOR = Path(sys.executable).with_name("supervisor")
-START_TIMEOUT = 30.0
-"""Generous: each actor is a fresh interpreter, and CI machines may have two cores."""
-DRAIN_TIMEOUT = 3.0
-
-
-@dataclass
-class Supervisor:
-    """One running ``supervisor start``; its stderr goes to ``log``."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def send(self, signum: signal.Signals) -> None:
-        self.process.send_signal(signum)
-
-    async def exit_code(self, timeout: float) -> int:
-        return await asyncio.to_thread(self.process.wait, timeout)
-
-    def tree(self) -> list[psutil.Process]:
-        return psutil.Process(self.pid).children(recursive=True)
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-
-@dataclass
-class Launcher:
-    tmp_path: Path
-    started: list[Supervisor] = field(default_factory=list)
-
-    def __call__(self, config: Path, env: dict[str, str] | None = None) -> Supervisor:
-        log = self.tmp_path / f"supervisor-{len(self.started)}.log"
-        with log.open("wb") as stderr:
-            process = subprocess.Popen(
-                [str(SUPERVISOR), "start", "--config", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env={**os.environ, **(env or {})},
-            )
-        supervisor = Supervisor(process, log)
-        self.started.append(supervisor)
-        return supervisor
-
-    def kill_all(self) -> None:
-        for supervisor in self.started:
-            if supervisor.process.poll() is not None:
-                continue
-            leftovers = supervisor.tree()
-            supervisor.process.kill()
-            supervisor.process.wait()
-            for child in leftovers:
-                child.kill()
-            psutil.wait_procs(leftovers, timeout=5)
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launcher]:
-    launcher = Launcher(tmp_path)
-    yield launcher
-    launcher.kill_all()
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as q:
-        yield q
-
-
-def running(process: psutil.Process) -> bool:
-    """Alive and not a zombie (an orphan's zombie waits for whoever adopted it)."""
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def pid_running(pid: int) -> bool:
-    try:
-        return running(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return False
-
-
-def config_file(
-    tmp_path: Path, settings: Settings, processes: int, **sections: dict[str, Any]
-) -> Path:
-    settings = configured(settings, supervisor={"drain_timeout": DRAIN_TIMEOUT}, **sections)
-    return write_config(tmp_path / "scrapeq.toml", settings, processes=processes)
-
-
-async def worker_pids(queue: RedisQueue, supervisor: Supervisor) -> set[int]:
-    """Pids of the supervisor's live children that are registered, active workers."""
-    children = {child.pid for child in psutil.Process(supervisor.pid).children() if running(child)}
-    workers = await WorkerMonitor(queue).get_active_workers()
-    return {w["pid"] for w in workers if w["status"] == "active" and w.get("pid") in children}
-
-
-async def wait_for_workers(
-    queue: RedisQueue, supervisor: Supervisor, count: int, timeout: float = START_TIMEOUT
-) -> set[int]:
-    async def settled() -> bool:
-        assert supervisor.process.poll() is None, supervisor.output()
-        return len(await worker_pids(queue, supervisor)) == count
-
-    await wait_for(settled, timeout=timeout, interval=0.1, message=f"{count} workers")
-    return await worker_pids(queue, supervisor)
 
 
 async def test_sigkilled_supervisor_leaves_no_child_alive_after_two_seconds(

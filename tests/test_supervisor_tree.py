@@ -22,6 +22,7 @@ from typing import Any, cast
 import pytest
 from helpers import wait_for
 from redis.asyncio.client import PubSub
+from supervisor_harness import configured, write_config
 
 from actors.exit_codes import ChildExit
 from actors.models import ScrapingRequest
@@ -36,27 +37,6 @@ from supervisor.signals import Command, SignalCommands
 from supervisor.tree import SINGLETON_KINDS, ProcessTree
 
 FAKE_BEAT = 0.05
-
-
-def configured(settings: Settings, **sections: dict[str, Any]) -> Settings:
-    """``settings`` with some keys of some sections replaced."""
-    data = settings.model_dump()
-    for section, values in sections.items():
-        data[section].update(values)
-    return Settings.model_validate(data)
-
-
-def write_config(path: Path, settings: Settings, **worker: Any) -> Path:
-    """Write ``settings`` (with ``worker`` keys replaced) as a TOML config file."""
-    data = settings.model_dump(mode="json")
-    data["worker"].update(worker)
-    lines: list[str] = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        # A JSON scalar, string or list of strings is also a TOML value.
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 @dataclass(eq=False)
@@ -131,12 +111,6 @@ class FakeBackend:
             await asyncio.sleep(FAKE_BEAT)
             if not process.frozen:
                 await self.monitor.update_heartbeat(process.spec.actor_id)
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as q:
-        yield q
 
 
 @pytest.fixture

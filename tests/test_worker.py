@@ -122,17 +122,6 @@ def probe() -> Iterator[Probe]:
     del PROBES[made.key]
 
 
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as connected:
-        yield connected
-
-
-@pytest.fixture
-def manager(queue: RedisQueue) -> TaskManager:
-    return TaskManager(queue)
-
-
 def derive(settings: Settings, **sections: dict[str, Any]) -> Settings:
     """``settings`` with some keys of some sections replaced (Settings is frozen)."""
     data = settings.model_dump(mode="json")

@@ -53,17 +53,6 @@ def spawn(settings: Settings) -> Iterator[Spawn]:
         process.join(5)
 
 
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(settings) as connected:
-        yield connected
-
-
-@pytest.fixture
-def manager(queue: RedisQueue) -> TaskManager:
-    return TaskManager(queue)
-
-
 @contextlib.asynccontextmanager
 async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
     """Every event published while the block runs, appended as it arrives."""
