@@ -21,6 +21,7 @@ class KeySpace:
         "backpressure",
         "base",
         "breaker",
+        "breaker_settings",
         "dead",
         "delayed",
         "done_prefix",
@@ -67,6 +68,7 @@ class KeySpace:
         self.gate_prefix = base + "rl:gate:"  # zset per rate key: waiting ids -> queue score
         self.paused = base + "rl:paused"  # hash: rate key -> paused until (ms)
         self.breaker = base + "rl:failures"  # hash: rate key -> consecutive failures
+        self.breaker_settings = base + "rl:breaker"  # hash: failures, cooldown_ms
         self.reaper_lock = base + "lock:reaper"
         self.governor_lock = base + "lock:governor"
         self.events = base + "events"  # channel: JSON events

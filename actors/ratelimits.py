@@ -1,7 +1,8 @@
 """Which rate keys a task counts against.
 
 Every task counts against ``script:<name>``; a task with a ``rate_key`` or a
-``parameters["url"]`` also counts against ``domain:<rate_key or url host>``.
+``parameters["url"]`` also counts against ``domain:<rate_key or url host>``
+(a ``rate_key`` may also be given as ``domain:<host>``).
 Whether a key is limited is decided in Redis (the ``limits`` hash that
 ``set_limits.lua`` publishes), so a reload applies to tasks already queued.
 """
@@ -19,7 +20,8 @@ _HOST = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 def domain_key(request: ScrapingRequest) -> str | None:
     """``domain:<host>`` for the request, or None if it names no site."""
     if request.rate_key:
-        return f"domain:{request.rate_key}"
+        key = request.rate_key
+        return key if key.startswith("domain:") else f"domain:{key}"
     url = request.parameters.get("url")
     if not isinstance(url, str):
         return None

@@ -156,6 +156,7 @@ class TaskStore:
                 k.paused,
                 k.breaker,
                 k.gates,
+                k.breaker_settings,
             ],
             [worker_id, count, self.lease_ms, promote_limit, self._ttl_ms, k.gate_prefix],
         )
@@ -175,7 +176,7 @@ class TaskStore:
             args += [r.request_id, r.attempt, r.data_json, repr(r.execution_time)]
         k = self.keys
         codes = await self._run(
-            "complete", [k.running, k.stats, k.breaker, k.paused, k.limits], args
+            "complete", [k.running, k.stats, k.breaker, k.paused, k.breaker_settings, k.gates], args
         )
         return [code == 1 for code in codes]
 
@@ -186,7 +187,7 @@ class TaskStore:
         k = self.keys
         code, delay_ms = await self._run(
             "fail",
-            [k.running, k.delayed, k.dead, k.stats, k.breaker, k.paused, k.limits],
+            [k.running, k.delayed, k.dead, k.stats, k.breaker, k.paused, k.breaker_settings],
             [
                 worker_id,
                 request_id,
@@ -310,13 +311,15 @@ class TaskStore:
     async def set_limits(self, settings: Settings) -> int:
         """Publish ``[rate_limits]`` and ``[circuit_breaker]`` for every host."""
         breaker = settings.circuit_breaker
-        entries: dict[str, str | int | float] = dict(settings.rate_limits)
-        entries["breaker_failures"] = breaker.failures
-        entries["breaker_cooldown_ms"] = int(breaker.cooldown * 1000)
-        args: list[Any] = [len(entries)]
-        for field, value in entries.items():
-            args += [field, value]
-        return int(await self._run("set_limits", [self.keys.limits], args))
+        args: list[Any] = [
+            breaker.failures,
+            int(breaker.cooldown * 1000),
+            len(settings.rate_limits),
+        ]
+        for key, rate in settings.rate_limits.items():
+            args += [key, rate]
+        k = self.keys
+        return int(await self._run("set_limits", [k.limits, k.breaker_settings], args))
 
     async def publish_backpressure(self, state: str, depth: int, rate: float, drain: float) -> str:
         """Publish the governor's state; returns the previous one ("" if none)."""

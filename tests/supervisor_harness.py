@@ -35,7 +35,8 @@ def write_config(path: Path, settings: Settings, **worker: Any) -> Path:
     for section, values in data.items():
         lines.append(f"[{section}]")
         # A JSON scalar, string or list of strings is also a TOML value.
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        # Keys are quoted: rate-limit keys such as "domain:a.test" need it.
+        lines += [f"{json.dumps(key)} = {json.dumps(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

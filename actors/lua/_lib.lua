@@ -94,8 +94,9 @@ end
 
 -- Try to start a task with these rate keys now. Returns 0 and takes a start
 -- from every limited key, or returns the time (ms) it may start and the key
--- that holds it back, taking nothing.
-local function try_start(limits, state, paused, breaker, keys, now)
+-- that holds it back, taking nothing. `breaker_settings` is the hash with the
+-- circuit breaker's `failures` threshold and `cooldown_ms`.
+local function try_start(limits, state, paused, breaker, breaker_settings, keys, now)
   local wait, blocker = 0, nil
   local plans = {}
   for _, key in ipairs(keys) do
@@ -125,11 +126,11 @@ local function try_start(limits, state, paused, breaker, keys, now)
   end
   -- A key whose breaker is open lets this one task through as its probe and
   -- stays paused until the probe reports (success resumes it, failure re-opens).
-  local threshold = tonumber(redis.call('HGET', limits, 'breaker_failures') or '0')
+  local threshold = tonumber(redis.call('HGET', breaker_settings, 'failures') or '0')
   if threshold > 0 then
     for _, key in ipairs(keys) do
       if tonumber(redis.call('HGET', breaker, key) or '0') >= threshold then
-        local cooldown = tonumber(redis.call('HGET', limits, 'breaker_cooldown_ms') or '30000')
+        local cooldown = tonumber(redis.call('HGET', breaker_settings, 'cooldown_ms') or '30000')
         redis.call('HSET', paused, key, now + cooldown)
       end
     end

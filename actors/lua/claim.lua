@@ -9,6 +9,7 @@
 -- KEYS[7] paused   hash rate key -> paused until (ms)
 -- KEYS[8] breaker  hash rate key -> consecutive failures
 -- KEYS[9] gates    zset rate key -> when its next task may start (ms)
+-- KEYS[10] breaker settings hash: failures (threshold), cooldown_ms
 -- ARGV[5]  worker id
 -- ARGV[6]  count: tasks to claim (0 = only promote; the reaper does that)
 -- ARGV[7]  lease in ms
@@ -30,7 +31,14 @@ local worker, count = ARGV[5], tonumber(ARGV[6])
 local lease_ms, promote_limit, ttl_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local gate_prefix = ARGV[10]
 local LIMITS, STATE, PAUSED, BREAKER, GATES = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local BREAKER_SETTINGS = KEYS[10]
+
 local now = now_ms()
+
+-- An expired task is cancelled, not started: it must not use up a rate.
+local function expired(expires_at)
+  return expires_at and tonumber(expires_at) <= now
+end
 
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, promote_limit)
 for _, id in ipairs(due) do
@@ -44,7 +52,7 @@ local claimed = 0
 
 -- Lease one task (its rate keys already admitted it); false if it expired.
 local function start(id, request, expires_at)
-  if expires_at and tonumber(expires_at) <= now then
+  if expired(expires_at) then
     finish(id, 'cancelled', nil, 'expired', nil, now, ttl_ms)
     redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
     emit('task.cancelled', now, {request_id = id, reason = 'expired'})
@@ -73,8 +81,8 @@ if count > 0 and redis.call('EXISTS', GATES) == 1 then
       end
       local f = redis.call('HMGET', PREFIX .. head, 'request', 'expires_at', 'rate_keys')
       local wait = 0
-      if f[1] then
-        wait = try_start(LIMITS, STATE, PAUSED, BREAKER, split_keys(f[3]), now)
+      if f[1] and not expired(f[2]) then
+        wait = try_start(LIMITS, STATE, PAUSED, BREAKER, BREAKER_SETTINGS, split_keys(f[3]), now)
       end
       if wait > 0 then
         redis.call('ZADD', GATES, wait, gate)
@@ -110,8 +118,9 @@ while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Re
     local f = redis.call('HMGET', PREFIX .. id, 'request', 'expires_at', 'rate_keys')
     if f[1] then  -- else the record is gone (purged): nothing to run
       local wait, blocker = 0, nil
-      if gating and f[3] then
-        wait, blocker = try_start(LIMITS, STATE, PAUSED, BREAKER, split_keys(f[3]), now)
+      if gating and f[3] and not expired(f[2]) then
+        wait, blocker = try_start(
+          LIMITS, STATE, PAUSED, BREAKER, BREAKER_SETTINGS, split_keys(f[3]), now)
       end
       if wait > 0 then
         enter_gate(GATES, KEYS[4], gate_prefix, blocker, id, popped[i + 1], wait)

@@ -4,7 +4,8 @@
 -- KEYS[2] stats    hash of monotonic counters
 -- KEYS[3] breaker  hash rate key -> consecutive failures (a success resets its keys)
 -- KEYS[4] paused   hash rate key -> paused until (a successful breaker probe resumes)
--- KEYS[5] limits   hash holding breaker_failures
+-- KEYS[5] breaker settings hash: failures (threshold)
+-- KEYS[6] gates    zset rate key -> next start (ms): a resumed key's gate is due now
 -- ARGV[5] worker id
 -- ARGV[6] result ttl in ms
 -- ARGV[7] number of results n, then n groups of 4:
@@ -17,7 +18,8 @@
 local worker, ttl_ms, n = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
 local breaker_open = redis.call('EXISTS', KEYS[3]) == 1
-local threshold = tonumber(redis.call('HGET', KEYS[5], 'breaker_failures') or '0')
+local threshold = tonumber(redis.call('HGET', KEYS[5], 'failures') or '0')
+local resumed = false
 local codes = {}
 local done = 0
 for i = 1, n do
@@ -32,6 +34,8 @@ for i = 1, n do
           redis.call('HDEL', KEYS[3], key)
           if threshold > 0 and failures >= threshold then
             redis.call('HDEL', KEYS[4], key)  -- the probe succeeded: resume the key
+            redis.call('ZADD', KEYS[6], 'XX', 'LT', now, key)
+            resumed = true
           end
         end
       end
@@ -47,5 +51,8 @@ for i = 1, n do
 end
 if done > 0 then
   redis.call('HINCRBY', KEYS[2], 'completed', done)
+end
+if resumed then
+  redis.call('PUBLISH', WAKE, 1)
 end
 return codes

@@ -6,7 +6,7 @@
 -- KEYS[4] stats    hash of monotonic counters
 -- KEYS[5] breaker  hash rate key -> consecutive failures
 -- KEYS[6] paused   hash rate key -> paused until (ms)
--- KEYS[7] limits   hash with breaker_failures and breaker_cooldown_ms
+-- KEYS[7] breaker settings hash: failures (threshold), cooldown_ms
 -- ARGV[5]  worker id
 -- ARGV[6]  request id
 -- ARGV[7]  attempt (fencing token)
@@ -22,8 +22,8 @@
 -- attempt <= max_retries, so a task runs at most max_retries + 1 times.
 -- Every failure appends {attempt, error, worker, at} to the task's history
 -- (the last 20 kept). A retryable failure also counts against the task's
--- domain key: breaker_failures in a row pause that key for
--- breaker_cooldown_ms on every host (the circuit breaker opens).
+-- domain key: `failures` in a row pause that key for `cooldown_ms` on
+-- every host (the circuit breaker opens).
 --
 -- Returns {code, delay_ms}: code 1 retrying, 2 dead-lettered, 0 refused
 -- (lease not held).
@@ -41,12 +41,12 @@ local key = PREFIX .. id
 add_history(id, attempt, err, worker, now)
 redis.call('ZREM', KEYS[1], id)
 
-local threshold = tonumber(redis.call('HGET', KEYS[7], 'breaker_failures') or '0')
+local threshold = tonumber(redis.call('HGET', KEYS[7], 'failures') or '0')
 if not permanent and threshold > 0 then
   for _, rate_key in ipairs(split_keys(redis.call('HGET', key, 'rate_keys'))) do
     if string.sub(rate_key, 1, 7) == 'domain:' then
       if redis.call('HINCRBY', KEYS[5], rate_key, 1) >= threshold then
-        local cooldown = tonumber(redis.call('HGET', KEYS[7], 'breaker_cooldown_ms') or '30000')
+        local cooldown = tonumber(redis.call('HGET', KEYS[7], 'cooldown_ms') or '30000')
         redis.call('HSET', KEYS[6], rate_key, now + cooldown)
         emit('rate.paused', now, {request_id = id, key = rate_key, reason = 'circuit_breaker',
           seconds = cooldown / 1000})

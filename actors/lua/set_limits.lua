@@ -2,14 +2,19 @@
 -- (supervisor start and SIGHUP). Every host should run the same [rate_limits];
 -- the last one to start or reload wins.
 --
--- KEYS[1] limits  hash rate key -> tasks/s, plus breaker_failures and breaker_cooldown_ms
--- ARGV[5] number of entries n, then n pairs: field, value
+-- KEYS[1] limits            hash rate key -> tasks/s (absent when none are
+--                           configured: claim and enqueue then skip rate checks)
+-- KEYS[2] breaker settings  hash: failures, cooldown_ms
+-- ARGV[5] breaker failures threshold (0 = off)
+-- ARGV[6] breaker cooldown in ms
+-- ARGV[7] number of limits n, then n pairs: rate key, tasks/s
 --
--- Returns the number of entries written.
+-- Returns the number of limits written.
 
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[7])
 redis.call('DEL', KEYS[1])
 for i = 1, n do
-  redis.call('HSET', KEYS[1], ARGV[5 + 2 * i - 1], ARGV[5 + 2 * i])
+  redis.call('HSET', KEYS[1], ARGV[7 + 2 * i - 1], ARGV[7 + 2 * i])
 end
+redis.call('HSET', KEYS[2], 'failures', ARGV[5], 'cooldown_ms', ARGV[6])
 return n
