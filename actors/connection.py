@@ -5,9 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -22,6 +30,30 @@ RETRIES = 4
 MAX_CONNECTIONS = 16
 #: How long a caller waits for a free connection.
 POOL_WAIT = 30.0
+
+
+class _HiredisPacking:
+    """Pack commands with hiredis's C serializer.
+
+    redis-py's asyncio connections pack in Python (its sync ones use hiredis):
+    for a script call with two dozen arguments that was a quarter of the
+    client's time per call.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        command = args[0]
+        if isinstance(command, str) and " " in command:  # "CONFIG GET" and the like
+            args = (*command.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise redis_errors.DataError(str(exc)) from exc
+
+
+_FAST_CONNECTIONS: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    base: type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
+    for base in (Connection, UnixDomainSocketConnection, SSLConnection)
+}
 
 
 def create_client(settings: Settings, *, max_connections: int = MAX_CONNECTIONS) -> Redis:
@@ -44,6 +76,7 @@ def create_client(settings: Settings, *, max_connections: int = MAX_CONNECTIONS)
         socket_keepalive=True,
         health_check_interval=30,
     )
+    pool.connection_class = _FAST_CONNECTIONS.get(pool.connection_class, pool.connection_class)
     return Redis.from_pool(pool)
 
 
