@@ -76,7 +76,8 @@ class Actor:
     async def sleep_unless_stopping(self, seconds: float) -> None:
         """Sleep, but return early once the actor is asked to stop."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop_requested.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.stop_requested.wait()
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -95,9 +95,10 @@ class RedisQueue:
         """Apply the configured defaults and check the size limit."""
         tasks = self.settings.tasks
         defaults: dict[str, Any] = {}
-        if "timeout" not in request.model_fields_set:
+        given = request.model_fields_set
+        if "timeout" not in given and request.timeout != tasks.default_timeout:
             defaults["timeout"] = tasks.default_timeout
-        if "max_retries" not in request.model_fields_set:
+        if "max_retries" not in given and request.max_retries != tasks.max_retries:
             defaults["max_retries"] = tasks.max_retries
         if defaults:
             request = request.model_copy(update=defaults)

@@ -54,7 +54,8 @@ class ResponseHub:
             else:  # already subscribed: the response may have come already
                 self._check_stored(request_id)
             try:
-                return await asyncio.wait_for(asyncio.shield(future), timeout)
+                async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                    return await future
             except TimeoutError:
                 # Last look: covers a message lost with a connection that died
                 # after its subscription was confirmed.

@@ -39,7 +39,8 @@ class Wakeup:
         if self._reader is None:
             await self.start()
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                await self._event.wait()
         except TimeoutError:
             return False
         self._event.clear()

@@ -314,7 +314,8 @@ class Worker(Actor):
                 break
             self.slot_free.clear()  # set again by each finished task and by an abort
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.slot_free.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self.slot_free.wait()
         leftover = [(rid, running.attempt) for rid, running in self.running.items()]
         for running in list(self.running.values()):
             running.task.cancel()
