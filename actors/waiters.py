@@ -12,16 +12,14 @@ published during the outage is not missed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 from actors.exceptions import QueueConnectionException
 from actors.keys import KeySpace
+from actors.subscription import Message, Subscription
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +31,10 @@ class ResponseHub:
     """Fan-in of ``done:<id>`` channels for all the waits of one process."""
 
     def __init__(self, client: Redis, keys: KeySpace, read_responses: ResponsesReader) -> None:
-        self._client = client
         self._keys = keys
+        self._prefix = keys.done_prefix.encode()
         self._read_responses = read_responses
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._subscription = Subscription(client, "응답 구독", self._on_message)
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
         self._to_check: set[str] = set()
         self._checker: asyncio.Task[None] | None = None
@@ -50,7 +47,7 @@ class ResponseHub:
         waiters.append(future)
         try:
             if len(waiters) == 1:
-                await self._subscribe(self._keys.done(request_id))
+                await self._subscription.subscribe(self._keys.done(request_id))
             else:  # already subscribed: the response may have come already
                 self._check_stored(request_id)
             try:
@@ -65,31 +62,12 @@ class ResponseHub:
             waiters.remove(future)
             if not waiters:
                 del self._waiters[request_id]
-                await self._unsubscribe(self._keys.done(request_id))
+                await self._subscription.unsubscribe(self._keys.done(request_id))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
         if self._checker is not None:
             self._checker.cancel()
-        if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            self._pubsub = None
-
-    async def _subscribe(self, channel: str) -> None:
-        if self._pubsub is None:
-            self._pubsub = self._client.pubsub()
-        await self._pubsub.subscribe(channel)
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read_loop(self._pubsub))
-
-    async def _unsubscribe(self, channel: str) -> None:
-        if self._pubsub is not None:
-            with contextlib.suppress(redis_errors.ConnectionError, redis_errors.TimeoutError):
-                await self._pubsub.unsubscribe(channel)
+        await self._subscription.close()
 
     def _deliver(self, request_id: str, response: bytes) -> None:
         for future in self._waiters.get(request_id, ()):
@@ -115,29 +93,12 @@ class ResponseHub:
                 if response is not None:
                     self._deliver(request_id, response)
 
-    async def _read_loop(self, pubsub: PubSub) -> None:
-        prefix = self._keys.done_prefix.encode()
-        failures = 0
-        while True:
-            try:
-                message = await pubsub.get_message(timeout=1.0)
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-                failures += 1
-                delay = min(5.0, 0.05 * 2**failures)
-                if failures == 1:
-                    logger.warning("응답 구독 연결 끊김, 재연결 시도: %s", exc)
-                await asyncio.sleep(delay)
-                continue
-            if failures:
-                logger.info("응답 구독 연결 복구")
-                failures = 0
-            if message is None:
-                continue
-            channel: bytes = message["channel"]
-            if not channel.startswith(prefix):
-                continue
-            request_id = channel[len(prefix) :].decode()
-            if message["type"] == "message":
-                self._deliver(request_id, message["data"])
-            elif message["type"] == "subscribe" and request_id in self._waiters:
-                self._check_stored(request_id)
+    def _on_message(self, message: Message) -> None:
+        channel: bytes = message["channel"]
+        if not channel.startswith(self._prefix):
+            return
+        request_id = channel[len(self._prefix) :].decode()
+        if message["type"] == "message":
+            self._deliver(request_id, message["data"])
+        elif message["type"] == "subscribe" and request_id in self._waiters:
+            self._check_stored(request_id)

@@ -106,7 +106,8 @@ class Worker(Actor):
             self.closing = True
             self.flush_wanted.set()
             try:
-                await asyncio.wait_for(flusher, FINAL_FLUSH_TIMEOUT)
+                async with asyncio.timeout(FINAL_FLUSH_TIMEOUT):
+                    await flusher
             except TimeoutError:
                 logger.error(
                     "%s: 완료 %d건을 보고하지 못함 (임대 만료 후 재실행됨)",
@@ -126,15 +127,18 @@ class Worker(Actor):
                 self.slot_free.clear()
                 await self.slot_free.wait()
                 continue
+            wanted = min(free, CLAIM_BATCH)
             try:
-                claim = await self.queue.store.claim(self.actor_id, min(free, CLAIM_BATCH))
+                claim = await self.queue.store.claim(self.actor_id, wanted)
             except QueueConnectionException as exc:
                 await outage.failed(exc)
                 continue
             outage.succeeded()
             for lease in claim.leases:
                 self._start(lease)
-            if not claim.leases:
+            if len(claim.leases) < wanted:
+                # The queue is drained: claiming again when a slot frees would
+                # find nothing. New work announces itself on the wake channel.
                 wait = IDLE_WAIT if claim.wait_ms < 0 else min(IDLE_WAIT, claim.wait_ms / 1000)
                 await self.wakeup.wait(wait)
 
