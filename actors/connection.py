@@ -19,7 +19,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from actors.exceptions import BackpressureException, QueueConnectionException
+from actors.exceptions import BackpressureException, QueueConnectionException, ScriptError
 from config.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,23 @@ POOL_WAIT = 30.0
 
 
 class _HiredisPacking:
-    """Pack commands with hiredis's C serializer.
+    """Connection behaviour redis-py's asyncio connections lack.
 
-    redis-py's asyncio connections pack in Python (its sync ones use hiredis):
-    for a script call with two dozen arguments that was a quarter of the
-    client's time per call.
+    Commands are packed with hiredis's C serializer (redis-py's asyncio
+    connections pack in Python, its sync ones with hiredis: for a script call
+    with two dozen arguments that was a quarter of the client's time), and a
+    write on a reset connection is reported as a lost connection.
     """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:
+            # uvloop raises RuntimeError, not ConnectionError, for a write on a
+            # connection the peer reset (MagicStack/uvloop#506); redis-py would
+            # neither retry it nor report it as a lost connection.
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise redis_errors.ConnectionError(f"connection lost while writing: {exc}") from exc
 
     def pack_command(self, *args: Any) -> list[bytes]:
         command = args[0]
@@ -103,4 +114,5 @@ async def translated_errors() -> AsyncIterator[None]:
         if is_oom(exc):
             logger.warning("Redis 메모리 한도 도달, 요청 거부: %s", exc)
             raise BackpressureException(1.0, "Redis is at maxmemory") from exc
-        raise
+        logger.error("Redis가 작업을 거부함: %s", exc)
+        raise ScriptError(f"Redis refused the operation: {exc}") from exc

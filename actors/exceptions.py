@@ -15,6 +15,10 @@ class QueueConnectionException(QueueError):
     """Redis could not be reached (after the client's retries)."""
 
 
+class ScriptError(QueueError):
+    """Redis refused an operation for another reason (e.g. a corrupt record)."""
+
+
 class InvalidTaskException(QueueError):
     """A request or result breaks a limit; the message names the field."""
 

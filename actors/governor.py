@@ -23,7 +23,7 @@ import time
 
 from actors.backoff import Outage
 from actors.base import Actor
-from actors.exceptions import QueueConnectionException
+from actors.exceptions import QueueError
 from config.settings import BackpressureSettings
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Governor(Actor):
                             rate,
                         )
                     state = new_state
-            except QueueConnectionException as exc:
+            except QueueError as exc:
                 await outage.failed(exc)
                 continue
             outage.succeeded()

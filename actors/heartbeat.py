@@ -13,7 +13,7 @@ import logging
 
 from actors.backoff import Outage
 from actors.base import Actor
-from actors.exceptions import QueueConnectionException
+from actors.exceptions import QueueError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class HeartbeatMonitor(Actor):
                         requeued,
                         dead,
                     )
-            except QueueConnectionException as exc:
+            except QueueError as exc:
                 await outage.failed(exc)
                 continue
             outage.succeeded()

@@ -14,7 +14,7 @@ import time
 
 from actors.backoff import Outage
 from actors.base import Actor
-from actors.exceptions import QueueConnectionException
+from actors.exceptions import QueueError
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,14 @@ class Reaper(Actor):
                         logger.info("%s: 리퍼 %s", self.actor_id, "활성" if held else "대기")
                     if held:
                         next_cleanup = await self._reap(next_cleanup)
-                except QueueConnectionException as exc:
+                except QueueError as exc:
                     await outage.failed(exc)
                     continue
                 outage.succeeded()
                 await self.sleep_unless_stopping(REAP_INTERVAL)
         finally:
             if leader:
-                with contextlib.suppress(QueueConnectionException):  # else it just expires
+                with contextlib.suppress(QueueError):  # else it just expires
                     await store.release_lock(lock, self.actor_id)
 
     async def _reap(self, next_cleanup: float) -> float:

@@ -157,6 +157,7 @@ class TaskStore:
                 k.breaker,
                 k.gates,
                 k.breaker_settings,
+                k.dead,
             ],
             [worker_id, count, self.lease_ms, promote_limit, self._ttl_ms, k.gate_prefix],
         )

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from redis.asyncio import Redis
 
-from actors.exceptions import QueueConnectionException
+from actors.exceptions import QueueError
 from actors.keys import KeySpace
 from actors.subscription import Message, Subscription
 
@@ -86,7 +86,7 @@ class ResponseHub:
             self._to_check.clear()
             try:
                 responses = await self._read_responses(batch)
-            except QueueConnectionException as exc:  # each wait's final read tries again
+            except QueueError as exc:  # each wait's final read tries again
                 logger.warning("작업 응답 %d건 조회 실패: %s", len(batch), exc)
                 return
             for request_id, response in zip(batch, responses, strict=True):

@@ -23,7 +23,11 @@ import psutil
 
 from actors.backoff import Outage
 from actors.base import Actor
-from actors.exceptions import InvalidTaskException, QueueConnectionException, RateLimited
+from actors.exceptions import (
+    InvalidTaskException,
+    QueueError,
+    RateLimited,
+)
 from actors.exit_codes import ChildExit
 from actors.models import ensure_json
 from actors.queue import WorkerMonitor
@@ -130,7 +134,7 @@ class Worker(Actor):
             wanted = min(free, CLAIM_BATCH)
             try:
                 claim = await self.queue.store.claim(self.actor_id, wanted)
-            except QueueConnectionException as exc:
+            except QueueError as exc:
                 await outage.failed(exc)
                 continue
             outage.succeeded()
@@ -240,7 +244,7 @@ class Worker(Actor):
         """Await a one-off report; if Redis is gone the lease expires and the task reruns."""
         try:
             await call
-        except QueueConnectionException as exc:
+        except QueueError as exc:
             logger.error("%s: %s 실패, 임대 만료 후 재전달됨: %s", self.actor_id, what, exc)
 
     # -- completions, heartbeats, shutdown ------------------------------------
@@ -254,7 +258,7 @@ class Worker(Actor):
                 batch, self.completed = self.completed, []
                 try:
                     accepted = await self.queue.store.complete(self.actor_id, batch)
-                except QueueConnectionException as exc:
+                except QueueError as exc:
                     self.completed[:0] = batch
                     await outage.failed(exc)
                     continue
@@ -279,7 +283,7 @@ class Worker(Actor):
                 await self.monitor.update_heartbeat(self.actor_id, **self._vitals())
                 leases = [(rid, running.attempt) for rid, running in self.running.items()]
                 lost = await self.queue.store.renew(self.actor_id, leases) if leases else []
-            except QueueConnectionException as exc:
+            except QueueError as exc:
                 await outage.failed(exc)
                 continue
             outage.succeeded()
@@ -328,6 +332,6 @@ class Worker(Actor):
             released = 0
             try:
                 released = await self.queue.store.release(self.actor_id, leftover, reason="drain")
-            except QueueConnectionException as exc:
+            except QueueError as exc:
                 logger.error("%s: 작업 반환 실패, 임대 만료 후 재전달됨: %s", self.actor_id, exc)
             logger.info("%s: 미완료 작업 %d건 반환", self.actor_id, released)

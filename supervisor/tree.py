@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.connection import translated_errors
-from actors.exceptions import BackpressureException, QueueConnectionException
+from actors.exceptions import QueueConnectionException, QueueError
 from actors.exit_codes import ChildExit, CliExit
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.runtime import ActorSpec
@@ -499,9 +499,13 @@ class ProcessTree:
         while not self._finished.is_set():
             try:
                 await self._health_tick()
-            except (QueueConnectionException, BackpressureException) as exc:
+            except QueueError as exc:
                 if not failing:
                     logger.warning("Redis 상태 확인 실패 (워치독 신호 보류): %s", exc)
+                failing = True
+            except Exception:
+                # The tree must outlive any fault of a health check.
+                logger.exception("상태 확인 중 예기치 않은 오류 (워치독 신호 보류)")
                 failing = True
             else:
                 if failing:

@@ -39,10 +39,20 @@ local function finish(id, status, data_json, err, exec_time, now, ttl_ms)
   redis.call('PUBLISH', DONE .. id, response)
 end
 
+-- A task's queue score. A record damaged from outside (not a number) sorts
+-- first rather than aborting the script half-way: Redis does not roll a
+-- script back, so a script must never fail after its first write.
+local function score_of(id)
+  return tonumber(redis.call('HGET', PREFIX .. id, 'score')) or 0
+end
+
 -- Append a failed attempt to the task's history (the last 20 are kept).
 local function add_history(id, attempt, err, worker, now)
   local key = PREFIX .. id
-  local history = cjson.decode(redis.call('HGET', key, 'history') or '[]')
+  local ok, history = pcall(cjson.decode, redis.call('HGET', key, 'history') or '[]')
+  if not ok or type(history) ~= 'table' then
+    history = {}  -- a damaged history is replaced, never a reason to fail
+  end
   history[#history + 1] = {attempt = tonumber(attempt), error = err, worker = worker, at = now / 1000}
   if #history > 20 then
     table.remove(history, 1)

@@ -10,6 +10,7 @@
 -- KEYS[8] breaker  hash rate key -> consecutive failures
 -- KEYS[9] gates    zset rate key -> when its next task may start (ms)
 -- KEYS[10] breaker settings hash: failures (threshold), cooldown_ms
+-- KEYS[11] dead    zset id -> time dead-lettered (a damaged record goes there)
 -- ARGV[5]  worker id
 -- ARGV[6]  count: tasks to claim (0 = only promote; the reaper does that)
 -- ARGV[7]  lease in ms
@@ -43,7 +44,7 @@ end
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, promote_limit)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[3], id)
-  redis.call('ZADD', KEYS[1], redis.call('HGET', PREFIX .. id, 'score'), id)
+  redis.call('ZADD', KEYS[1], score_of(id), id)
   redis.call('HSET', PREFIX .. id, 'status', 'pending')
 end
 
@@ -59,8 +60,20 @@ local function start(id, request, expires_at)
     return
   end
   local key = PREFIX .. id
-  local attempt = redis.call('HINCRBY', key, 'attempt', 1)
-  redis.call('HSET', key, 'status', 'running', 'worker', worker, 'started_at', now)
+  -- Not HINCRBY: a damaged attempt field must not abort the claim half-way
+  -- (Redis does not roll back the writes before an error).
+  local previous = tonumber(redis.call('HGET', key, 'attempt'))
+  if not previous then
+    local err = 'invalid task record: attempt is not a number'
+    redis.call('ZADD', KEYS[11], now, id)
+    finish(id, 'failed', nil, err, nil, now, ttl_ms)
+    redis.call('HINCRBY', KEYS[4], 'failed', 1)
+    emit('task.failed', now, {request_id = id, error = err})
+    return
+  end
+  local attempt = previous + 1
+  redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
+    'started_at', now)
   redis.call('ZADD', KEYS[2], now + lease_ms, id)
   emit('task.started', now, {request_id = id, worker_id = worker, attempt = attempt})
   out[#out + 1] = id

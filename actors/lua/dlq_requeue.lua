@@ -25,7 +25,7 @@ for _, id in ipairs(ids) do
     redis.call('PERSIST', key)
     redis.call('HSET', key, 'status', 'pending', 'attempt', 0)
     redis.call('HDEL', key, 'response', 'finished_at', 'worker')
-    redis.call('ZADD', KEYS[2], redis.call('HGET', key, 'score'), id)
+    redis.call('ZADD', KEYS[2], score_of(id), id)
     emit('task.enqueued', now, {request_id = id, reason = 'dlq_retry'})
     requeued = requeued + 1
   end

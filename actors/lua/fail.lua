@@ -38,6 +38,7 @@ if not holds_lease(id, worker, attempt) then
 end
 local now = now_ms()
 local key = PREFIX .. id
+local max_retries = tonumber(redis.call('HGET', key, 'max_retries')) or 0
 add_history(id, attempt, err, worker, now)
 redis.call('ZREM', KEYS[1], id)
 
@@ -55,7 +56,6 @@ if not permanent and threshold > 0 then
   end
 end
 
-local max_retries = tonumber(redis.call('HGET', key, 'max_retries'))
 if permanent or tonumber(attempt) > max_retries then
   redis.call('ZADD', KEYS[3], now, id)
   finish(id, 'failed', nil, err, nil, now, ttl_ms)

@@ -38,7 +38,7 @@ for i = 1, n do
       redis.call('ZADD', KEYS[3], now + delay, id)
     else
       redis.call('HSET', key, 'status', 'pending')
-      redis.call('ZADD', KEYS[2], redis.call('HGET', key, 'score'), id)
+      redis.call('ZADD', KEYS[2], score_of(id), id)
     end
     emit('task.requeued', now, {request_id = id, worker_id = worker, reason = reason})
     released = released + 1

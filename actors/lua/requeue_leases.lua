@@ -33,9 +33,9 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   local f = redis.call('HMGET', key, 'status', 'attempt', 'max_retries', 'worker', 'score')
   if f[1] == 'running' then
-    local err = 'worker lost: lease of attempt ' .. f[2] .. ' was not renewed'
+    local err = 'worker lost: lease of attempt ' .. tostring(f[2]) .. ' was not renewed'
     add_history(id, f[2], err, f[4] or '', now)
-    if tonumber(f[2]) > tonumber(f[3]) then
+    if (tonumber(f[2]) or 0) > (tonumber(f[3]) or 0) then
       redis.call('ZADD', KEYS[3], now, id)
       finish(id, 'failed', nil, err, nil, now, ttl_ms)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
@@ -44,7 +44,7 @@ for _, id in ipairs(ids) do
     else
       redis.call('HSET', key, 'status', 'pending')
       redis.call('HDEL', key, 'worker')
-      redis.call('ZADD', KEYS[2], f[5], id)
+      redis.call('ZADD', KEYS[2], tonumber(f[5]) or 0, id)
       emit('task.requeued', now, {request_id = id, worker_id = f[4], reason = 'lease_expired'})
       requeued = requeued + 1
     end
