@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -103,3 +105,14 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
     launcher = Launcher(tmp_path)
     yield launcher
     launcher.kill_all()
+
+
+@pytest.fixture
+async def restore_signals() -> AsyncIterator[None]:
+    """Actor.main installs process signal handlers; give pytest its own back."""
+    watched = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM)
+    saved = {signum: signal.getsignal(signum) for signum in watched}
+    yield
+    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

@@ -1,15 +1,20 @@
-"""Polling helpers: tests wait for an outcome instead of sleeping a guessed time."""
+"""Test helpers: wait for an outcome instead of sleeping a guessed time; record events."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from actors.queue import RedisQueue
 
 
 async def wait_for(
     predicate: Callable[[], Awaitable[bool] | bool],
-    timeout: float = 10,  # noqa: ASYNC109 -- a polling deadline, not a cancellation scope
+    timeout: float = 10,
     interval: float = 0.02,
     message: str = "",
 ) -> None:
@@ -25,3 +30,36 @@ async def wait_for(
         if loop.time() >= deadline:
             raise AssertionError(message or f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every event published while the block runs, appended as it arrives."""
+    pubsub = queue.client.pubsub()
+    await pubsub.subscribe(queue.keys.events)
+    while (await pubsub.get_message(timeout=5)) is None:
+        pass  # the subscribe confirmation: from here on nothing is missed
+    seen: list[dict[str, Any]] = []
+
+    async def pump() -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None:
+                seen.append(json.loads(message["data"]))
+
+    reader = asyncio.create_task(pump())
+    try:
+        yield seen
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def count(events: list[dict[str, Any]], name: str, **fields: Any) -> int:
+    return sum(
+        1
+        for event in events
+        if event["event"] == name and all(event.get(k) == v for k, v in fields.items())
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +26,8 @@ from actors.queue import RedisQueue, TaskManager, redis_time_ms
 from actors.worker import Worker
 from config.settings import Settings
 from supervisor.cli import run
+
+pytestmark = pytest.mark.usefixtures("restore_signals")
 
 
 def capped(settings: Settings, high: int, **backpressure: Any) -> Settings:
@@ -190,17 +191,6 @@ async def test_submit_exits_4_and_prints_the_retry_after_when_refused(
 
 
 # -- end to end: a fast producer, slow workers, the governor running --------------------------
-
-
-@pytest.fixture(autouse=True)
-async def _restore_signals() -> AsyncIterator[None]:
-    """Actor.main installs process signal handlers; give pytest its own back."""
-    watched = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM)
-    saved = {signum: signal.getsignal(signum) for signum in watched}
-    yield
-    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 @contextlib.asynccontextmanager

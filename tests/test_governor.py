@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +19,8 @@ from actors.governor import INTERVAL, MIN_RATE, Governor, admitted_rate, decide_
 from actors.models import ScrapingRequest
 from actors.queue import RedisQueue
 from config.settings import BackpressureSettings, Settings
+
+pytestmark = pytest.mark.usefixtures("restore_signals")
 
 LIMITS = BackpressureSettings(high_watermark=100, low_watermark=60, throttle_at=50)
 
@@ -85,17 +86,6 @@ def test_admitted_rate_never_rises_with_depth_nor_falls_below_the_minimum(drain:
 
 
 # -- the actor ------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-async def _restore_signals() -> AsyncIterator[None]:
-    """Actor.main installs process signal handlers; give pytest its own back."""
-    watched = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM)
-    saved = {signum: signal.getsignal(signum) for signum in watched}
-    yield
-    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 @contextlib.asynccontextmanager

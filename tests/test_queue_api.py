@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import event_log, wait_for
 from redis.exceptions import ResponseError
 
 from actors.exceptions import (
@@ -63,31 +61,6 @@ async def dequeue(queue: RedisQueue, worker: str = "w1") -> ScrapingRequest:
 async def expire_lease(queue: RedisQueue, request_id: str) -> None:
     await queue.client.zadd(queue.keys.running, {request_id: 0}, xx=True)
     await queue.store.requeue_expired()
-
-
-@contextlib.asynccontextmanager
-async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
-    """Every event published while the block runs, appended as it arrives."""
-    pubsub = queue.client.pubsub()
-    await pubsub.subscribe(queue.keys.events)
-    while (await pubsub.get_message(timeout=5)) is None:
-        pass  # the subscribe confirmation: from here on nothing is missed
-    seen: list[dict[str, Any]] = []
-
-    async def pump() -> None:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message is not None:
-                seen.append(json.loads(message["data"]))
-
-    reader = asyncio.create_task(pump())
-    try:
-        yield seen
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 # -- enqueue -------------------------------------------------------------------------------

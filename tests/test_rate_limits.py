@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from actors.store import Completion, Lease
 from actors.worker import Worker
 from config.settings import Settings
 from supervisor.cli import run
+
+pytestmark = pytest.mark.usefixtures("restore_signals")
 
 #: Slack for the Redis clock's whole milliseconds in the GCRA arithmetic.
 CLOCK_SLACK_MS = 2
@@ -339,17 +340,6 @@ async def answers_429_once(parameters: dict[str, Any]) -> dict[str, int]:
         TOO_MANY.discard(tag)
         raise RateLimited(retry_after=parameters["retry_after"])
     return {"attempt": current_attempt()}
-
-
-@pytest.fixture(autouse=True)
-async def _restore_signals() -> AsyncIterator[None]:
-    """Actor.main installs process signal handlers; give pytest its own back."""
-    watched = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM)
-    saved = {signum: signal.getsignal(signum) for signum in watched}
-    yield
-    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 @contextlib.asynccontextmanager

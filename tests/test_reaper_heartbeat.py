@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import signal
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import count, event_log, wait_for
 
 from actors.base import Actor
 from actors.heartbeat import HeartbeatMonitor
@@ -20,16 +17,7 @@ from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.reaper import LOCK_LEASE, REAP_INTERVAL, Reaper
 from config.settings import Settings
 
-
-@pytest.fixture(autouse=True)
-async def _restore_signals() -> AsyncIterator[None]:
-    """Actor.main installs process signal handlers; give pytest its own back."""
-    watched = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM)
-    saved = {signum: signal.getsignal(signum) for signum in watched}
-    yield
-    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
+pytestmark = pytest.mark.usefixtures("restore_signals")
 
 
 @contextlib.asynccontextmanager
@@ -42,39 +30,6 @@ async def running(*actors: Actor) -> AsyncIterator[dict[str, asyncio.Task[int]]]
         for actor in actors:
             actor.request_stop()
         await asyncio.wait_for(asyncio.gather(*mains.values()), 10)
-
-
-@contextlib.asynccontextmanager
-async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
-    """Every event published while the block runs, appended as it arrives."""
-    pubsub = queue.client.pubsub()
-    await pubsub.subscribe(queue.keys.events)
-    while (await pubsub.get_message(timeout=5)) is None:
-        pass  # the subscribe confirmation: from here on nothing is missed
-    seen: list[dict[str, Any]] = []
-
-    async def pump() -> None:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message is not None:
-                seen.append(json.loads(message["data"]))
-
-    reader = asyncio.create_task(pump())
-    try:
-        yield seen
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def count(events: list[dict[str, Any]], name: str, **fields: Any) -> int:
-    return sum(
-        1
-        for event in events
-        if event["event"] == name and all(event.get(k) == v for k, v in fields.items())
-    )
 
 
 async def lock_holder(queue: RedisQueue) -> str | None:

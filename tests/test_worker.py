@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 import uuid
 from collections import defaultdict
@@ -26,6 +25,8 @@ from actors.scripts import current_attempt, script
 from actors.worker import Worker
 from config.settings import Settings
 from supervisor.redis_server import RedisServer
+
+pytestmark = pytest.mark.usefixtures("restore_signals")
 
 # -- test scripts: each reports to the Probe named in its parameters ------------------------
 
@@ -101,17 +102,6 @@ async def not_json(parameters: dict[str, Any]) -> object:
 
 
 # -- fixtures and helpers --------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-async def _restore_signals() -> AsyncIterator[None]:
-    """Actor.main installs process signal handlers; give pytest its own back."""
-    watched = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM)
-    saved = {signum: signal.getsignal(signum) for signum in watched}
-    yield
-    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 @pytest.fixture

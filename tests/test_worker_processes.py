@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import count, event_log, wait_for
 
 from actors.exit_codes import ChildExit
 from actors.models import ScrapingRequest, TaskStatus
@@ -51,39 +49,6 @@ def spawn(settings: Settings) -> Iterator[Spawn]:
         if process.is_alive():
             process.kill()  # SIGKILL also ends a SIGSTOPped process
         process.join(5)
-
-
-@contextlib.asynccontextmanager
-async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
-    """Every event published while the block runs, appended as it arrives."""
-    pubsub = queue.client.pubsub()
-    await pubsub.subscribe(queue.keys.events)
-    while (await pubsub.get_message(timeout=5)) is None:
-        pass  # the subscribe confirmation: from here on nothing is missed
-    seen: list[dict[str, Any]] = []
-
-    async def pump() -> None:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message is not None:
-                seen.append(json.loads(message["data"]))
-
-    reader = asyncio.create_task(pump())
-    try:
-        yield seen
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def count(events: list[dict[str, Any]], name: str, **fields: Any) -> int:
-    return sum(
-        1
-        for event in events
-        if event["event"] == name and all(event.get(k) == v for k, v in fields.items())
-    )
 
 
 async def workers_up(queue: RedisQueue, *actor_ids: str) -> None:
