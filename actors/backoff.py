@@ -22,7 +22,7 @@ class Outage:
         what: str,
         logger: logging.Logger,
         *,
-        base: float = 0.05,
+        base: float = 0.1,
         cap: float = 5.0,
         log_every: float = 30.0,
     ) -> None:

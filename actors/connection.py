@@ -24,8 +24,10 @@ from config.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: How many times a client retries a command whose connection broke.
-RETRIES = 4
+#: How many times a client retries a command whose connection broke; the
+#: callers' loops back off further (actors/backoff.py), so a reset loop on the
+#: network does not turn into a reconnect storm.
+RETRIES = 2
 #: Connections per client; callers beyond that wait for one.
 MAX_CONNECTIONS = 16
 #: How long a caller waits for a free connection.
@@ -80,7 +82,7 @@ def create_client(settings: Settings, *, max_connections: int = MAX_CONNECTIONS)
         settings.redis.url,
         max_connections=max_connections,
         timeout=POOL_WAIT,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), RETRIES),
         retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         socket_connect_timeout=5,
         socket_timeout=15,
