@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import uuid
 
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from actors.connection import translated_errors
+from actors.exceptions import ScriptError
 from actors.keys import KeySpace
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ async def check_eviction_policy(client: Redis) -> None:
     try:
         async with translated_errors():
             reply = await client.config_get("maxmemory-policy")
-    except redis_errors.ResponseError as exc:
+    except ScriptError as exc:  # a refusal (no permission, renamed command)
         logger.warning("Redis maxmemory-policy를 확인할 수 없어 검사를 건너뜁니다: %s", exc)
         return
     # One parameter asked for; redis-py returns its name as str or bytes by version.

@@ -157,8 +157,12 @@ async def test_late_completion_of_a_stopped_worker_is_refused(
             os.kill(stopped, signal.SIGCONT)
 
         async def stopped_one_finished_its_run() -> bool:
+            # Back and beating with nothing running: its stale run either
+            # finished (and its report was refused) or was stopped when the
+            # renewal found the lease lost; either way it is over.
             found = {w["worker_id"]: w for w in await monitor.get_active_workers()}
-            return found[holder].get("tasks_processed") == 1
+            record = found[holder]
+            return record["status"] == "active" and record.get("running") == "0"
 
         await wait_for(stopped_one_finished_its_run, 5)
         await asyncio.sleep(0.5)  # room for a wrongly accepted report to show up
