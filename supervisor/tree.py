@@ -180,6 +180,7 @@ class ProcessTree:
         watchdog_period = notifier.watchdog_interval()
         self._watchdog = ProgressWatchdog(watchdog_period) if watchdog_period else None
         self._health_ticks = 0
+        self._reachable_since: float | None = None  # loop time Redis last came back
         self._finished = asyncio.Event()
 
     # -- public ---------------------------------------------------------------
@@ -497,17 +498,22 @@ class ProcessTree:
     async def _health_loop(self) -> None:
         failing = False
         while not self._finished.is_set():
+            started = asyncio.get_running_loop().time()
             try:
                 await self._health_tick()
             except QueueError as exc:
                 if not failing:
                     logger.warning("Redis 상태 확인 실패 (워치독 신호 보류): %s", exc)
                 failing = True
+                self._reachable_since = None
             except Exception:
                 # The tree must outlive any fault of a health check.
                 logger.exception("상태 확인 중 예기치 않은 오류 (워치독 신호 보류)")
                 failing = True
+                self._reachable_since = None
             else:
+                if asyncio.get_running_loop().time() - started > self._settings.heartbeat.timeout:
+                    self._reachable_since = None  # a tick that slow was an outage too
                 if failing:
                     logger.info("Redis 상태 확인 회복")
                 failing = False
@@ -526,7 +532,13 @@ class ProcessTree:
         redis_now = seconds + micros / 1_000_000
         await self._epoch.check()
         workers = [c for c in self._current.values() if c.spec.kind == WORKER]
-        self._kill_stale(workers, records, redis_now)
+        if self._reachable_since is None:
+            self._reachable_since = loop.time()
+        # After an outage (network cut, paused Redis) every heartbeat looks
+        # overdue because none could get through: judge workers only once
+        # Redis has been reachable for a whole heartbeat.timeout.
+        if loop.time() - self._reachable_since >= self._settings.heartbeat.timeout:
+            self._kill_stale(workers, records, redis_now)
         self._health_ticks += 1
         now = loop.time()
         if self._watchdog is not None:

@@ -62,6 +62,30 @@ IGNORED = frozenset(
 )
 
 
+#: What the suite has shown so far, fixed or not: part of every report.
+FINDINGS: tuple[str, ...] = (
+    "Fixed since the suite first ran:",
+    "",
+    "* A task record whose `attempt` field was not an integer aborted `claim.lua` after",
+    "  its `ZPOPMIN`; Redis does not roll a script back, so the tasks popped with it were",
+    "  lost, and the script error killed the worker. Scripts now check a record before",
+    "  their first write and dead-letter it (`invalid task record`).",
+    "* At `maxmemory`, the OOM reply (a `BackpressureException`) ended a worker's",
+    "  heartbeat loop for good: its leases lapsed and its tasks ran again and again.",
+    "  Every actor loop now backs off on any queue error.",
+    "* Under uvloop, a write on a connection the peer reset raised `RuntimeError`",
+    "  (MagicStack/uvloop#506), which redis-py neither retried nor reported as a lost",
+    "  connection: actors crashed and the supervisor's health loop ended the whole tree.",
+    "  It is now a `ConnectionError`; a reset loop also opened 60+ connections a second,",
+    "  so client retries went from 4 to 2 and loops back off from 0.1 s.",
+    "* After a network cut longer than `heartbeat.timeout` (N1, N3), the supervisor's",
+    "  first health check saw every worker's heartbeat overdue, because none could get",
+    "  through, and SIGKILLed them: one restart per worker per cut, counted toward",
+    "  `max_restarts` (back-to-back cuts made a tree give up). The supervisor now judges",
+    "  heartbeats only once it has itself reached Redis for a whole `heartbeat.timeout`.",
+)
+
+
 @dataclass
 class Outcomes:
     """Test results read from pytest's JUnit XML."""
@@ -236,6 +260,10 @@ def render(
         "  `detection_s` (data loss reported), `drain_s` (SIGTERM to exit), `orphans`,",
         "  `seconds_to_dead_letter`, `peak_rss_mb`, `retry_delay_max_s`, and the soak's",
         "  `rss_*_mb`, `fds_*`, `clients_*` (plateau after warm-up vs. the final third).",
+        "",
+        "## What the suite found",
+        "",
+        *FINDINGS,
         "",
         "## Known bugs (tests marked `xfail(strict=True)`)",
         "",

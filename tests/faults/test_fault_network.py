@@ -68,7 +68,13 @@ class Tree:
         self.close()
         self._stack = ExitStack()
         workdir = Path(tempfile.mkdtemp(prefix="tree-", dir=self.workdir))
-        settings = fault_settings(self.url, f"t{uuid.uuid4().hex[:12]}", workdir / "state")
+        settings = with_sections(
+            fault_settings(self.url, f"t{uuid.uuid4().hex[:12]}", workdir / "state"),
+            # After a cut longer than heartbeat.timeout the supervisor kills workers whose
+            # beats could not get through (docs/reliability.md): up to one restart per
+            # worker per cut, which back-to-back faults must not add up to a give-up.
+            supervisor={"max_restarts": 1000},
+        )
         self._cluster = self._stack.enter_context(
             Cluster(
                 settings,
@@ -140,8 +146,9 @@ async def cut_off(env: Env, repeat: int, cut: Cut, *, seconds: float | None) -> 
         outcomes = await waits
         logged = log_lines(cluster) - lines
         probe = run.tasks(24, seconds=0.2)
+        workers = set(cluster.worker_pids())  # a worker replaced later cannot have claimed yet
         after = await run.outcomes(await run.submit(probe))
-        workers = set(cluster.worker_pids())
+        workers &= set(cluster.worker_pids())
         ids = {request.request_id for request in probe}
         busy = {r["pid"] for r in run.ledger.read() if r["kind"] == "started" and r["id"] in ids}
         recovery = run.recovery_since(healed, in_flight)
@@ -155,7 +162,7 @@ async def cut_off(env: Env, repeat: int, cut: Cut, *, seconds: float | None) -> 
             proxy_peak_connections=proxy.peak_active,
         )
     assert set(outcomes.values()) == set(after.values()) == {TaskStatus.COMPLETED}
-    assert busy == workers, f"workers {workers - busy} stopped claiming (zombie)"
+    assert workers <= busy, f"workers {workers - busy} stopped claiming (zombie)"
     assert logged <= LOG_LINES_PER_SECOND * (length + 5), cluster.logs()
     assert during <= CONNECTS_PER_SECOND * length, f"{during} connections in {length:.1f} s"
 
