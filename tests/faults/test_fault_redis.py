@@ -28,7 +28,14 @@ from actors.models import TaskStatus
 from actors.queue import RedisQueue, WorkerMonitor
 from config.settings import Settings
 from faults.cluster import SUPERVISOR_START, Cluster, write_toml
-from faults.workload import FaultRun, fault_settings, repeats, rng_for, with_sections
+from faults.workload import (
+    RECLAIM_WITHIN,
+    FaultRun,
+    fault_settings,
+    repeats,
+    rng_for,
+    with_sections,
+)
 from supervisor.redis_server import RedisServer
 
 SHORT_FREEZE = 3.0
@@ -69,12 +76,8 @@ def env(shared: Cluster, redis_server: RedisServer, redis_url: str, tmp_path: Pa
 async def still_consuming(run: FaultRun, cluster: Cluster, before: list[int]) -> None:
     """Every worker process that was there before the fault is alive and claims work."""
     assert cluster.worker_pids() == before, "a worker process died"
-    probe = run.tasks(24, seconds=0.2)
-    outcomes = await run.outcomes(await run.submit(probe))
-    assert set(outcomes.values()) == {TaskStatus.COMPLETED}
-    ids = {request.request_id for request in probe}
-    busy = {r["pid"] for r in run.ledger.read() if r["kind"] == "started" and r["id"] in ids}
-    assert busy == set(before), f"workers {set(before) - busy} stopped claiming (zombie)"
+    idle = await run.idle_workers(cluster.worker_pids, RECLAIM_WITHIN)
+    assert not idle, f"workers {idle} stopped claiming (zombie)"
 
 
 # -- R1: kill -9 and restart with the append-only file ------------------------------------

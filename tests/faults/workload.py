@@ -16,7 +16,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
@@ -46,6 +46,8 @@ DEFAULT_SOAK_MINUTES = 30.0
 CLOCK_SKEW_ENV = "FAULT_SUITE_CLOCK_SKEW"
 #: How long a fault test waits for the outcome of its tasks after healing.
 OUTCOME_TIMEOUT = 45.0
+#: How long every worker gets to claim work again after a fault heals.
+RECLAIM_WITHIN = 15.0
 #: How long a run waits for an earlier run's leftovers to drain before it starts.
 QUIESCE_TIMEOUT = 30.0
 MIB = 1024 * 1024
@@ -212,6 +214,28 @@ class FaultRun:
             *(await_outcome(self.queue, self.ledger, rid, timeout) for rid in wanted)
         )
         return dict(zip(wanted, results, strict=True))
+
+    async def idle_workers(self, live: Callable[[], Iterable[int]], within: float) -> set[int]:
+        """Workers that claim nothing for ``within`` seconds while tasks wait (zombies).
+
+        Submits small batches until every pid ``live()`` names has started one of
+        them. A worker still in its own backoff after a fault may take a few
+        seconds; one that never claims again is the zombie consumer of the
+        research (a live process that does no work).
+        """
+        deadline = time.monotonic() + within
+        seen: set[int] = set()
+        while True:
+            batch = self.tasks(8, seconds=0.2)
+            outcomes = await self.outcomes(await self.submit(batch))
+            assert set(outcomes.values()) == {TaskStatus.COMPLETED}, outcomes
+            ids = {request.request_id for request in batch}
+            seen |= {
+                r["pid"] for r in self.ledger.read() if r["kind"] == "started" and r["id"] in ids
+            }
+            missing = set(live()) - seen
+            if not missing or time.monotonic() > deadline:
+                return missing
 
     def acknowledged(self) -> list[str]:
         return [r["id"] for r in self.ledger.read() if r["kind"] == "enqueued"]
