@@ -13,6 +13,11 @@ import logging
 import random
 import time
 
+#: The longest wait between two tries of a loop. After an outage, a loop may
+#: still be asleep this long before its next call gets through: whoever judges
+#: other processes by their heartbeats grants this much beyond heartbeat.timeout.
+BACKOFF_CAP = 5.0
+
 
 class Outage:
     """Tracks one loop's run of failures."""
@@ -23,7 +28,7 @@ class Outage:
         logger: logging.Logger,
         *,
         base: float = 0.1,
-        cap: float = 5.0,
+        cap: float = BACKOFF_CAP,
         log_every: float = 30.0,
     ) -> None:
         self.what = what

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from actors.backoff import BACKOFF_CAP
 from actors.connection import translated_errors
 from actors.exceptions import QueueConnectionException, QueueError
 from actors.exit_codes import ChildExit, CliExit
@@ -180,7 +182,8 @@ class ProcessTree:
         watchdog_period = notifier.watchdog_interval()
         self._watchdog = ProgressWatchdog(watchdog_period) if watchdog_period else None
         self._health_ticks = 0
-        self._reachable_since: float | None = None  # loop time Redis last came back
+        self._redis_failing = False  # the last health tick failed
+        self._redis_back_at = -math.inf  # loop time Redis came back after an outage
         self._finished = asyncio.Event()
 
     # -- public ---------------------------------------------------------------
@@ -496,27 +499,17 @@ class ProcessTree:
     # -- health ---------------------------------------------------------------
 
     async def _health_loop(self) -> None:
-        failing = False
         while not self._finished.is_set():
-            started = asyncio.get_running_loop().time()
             try:
                 await self._health_tick()
             except QueueError as exc:
-                if not failing:
+                if not self._redis_failing:
                     logger.warning("Redis 상태 확인 실패 (워치독 신호 보류): %s", exc)
-                failing = True
-                self._reachable_since = None
+                self._redis_failing = True
             except Exception:
                 # The tree must outlive any fault of a health check.
                 logger.exception("상태 확인 중 예기치 않은 오류 (워치독 신호 보류)")
-                failing = True
-                self._reachable_since = None
-            else:
-                if asyncio.get_running_loop().time() - started > self._settings.heartbeat.timeout:
-                    self._reachable_since = None  # a tick that slow was an outage too
-                if failing:
-                    logger.info("Redis 상태 확인 회복")
-                failing = False
+                self._redis_failing = True
             period = self._settings.heartbeat.interval
             if self._watchdog is not None:
                 period = min(period, self._notifier.watchdog_interval() or period)
@@ -526,18 +519,26 @@ class ProcessTree:
 
     async def _health_tick(self) -> None:
         loop = asyncio.get_running_loop()
+        started = loop.time()
         records = {r["worker_id"]: r for r in await self._monitor.get_active_workers()}
         async with translated_errors():
             seconds, micros = await self._queue.client.time()
         redis_now = seconds + micros / 1_000_000
         await self._epoch.check()
         workers = [c for c in self._current.values() if c.spec.kind == WORKER]
-        if self._reachable_since is None:
-            self._reachable_since = loop.time()
+        heartbeat = self._settings.heartbeat
+        if self._redis_failing or loop.time() - started > heartbeat.interval:
+            # First tick after an outage, or reads held up by one (a blackhole
+            # answers late, not never): Redis is reachable from now on.
+            if self._redis_failing:
+                logger.info("Redis 상태 확인 회복")
+            self._redis_failing = False
+            self._redis_back_at = loop.time()
         # After an outage (network cut, paused Redis) every heartbeat looks
-        # overdue because none could get through: judge workers only once
-        # Redis has been reachable for a whole heartbeat.timeout.
-        if loop.time() - self._reachable_since >= self._settings.heartbeat.timeout:
+        # overdue because none could get through, and each worker's heartbeat
+        # loop may still be in its backoff sleep: judge workers only once Redis
+        # has been reachable for heartbeat.timeout plus the backoff cap.
+        if loop.time() - self._redis_back_at >= heartbeat.timeout + BACKOFF_CAP:
             self._kill_stale(workers, records, redis_now)
         self._health_ticks += 1
         now = loop.time()

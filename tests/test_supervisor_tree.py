@@ -33,6 +33,7 @@ from supervisor import tree as tree_module
 from supervisor.notify import SystemdNotifier
 from supervisor.process_backend import ChildProcess, ExitCallback
 from supervisor.redis_checks import EpochGuard
+from supervisor.redis_server import RedisServer
 from supervisor.signals import Command, SignalCommands
 from supervisor.tree import SINGLETON_KINDS, ProcessTree
 
@@ -379,6 +380,30 @@ async def test_worker_whose_heartbeat_stops_while_alive_is_killed_and_restarted(
     assert frozen.signals == [signal.SIGKILL]
     await backend.wait_for_incarnations("worker-1", 2)
     assert backend.named("worker-0")[0].is_alive()
+    assert await drained(tree, task) == 0
+
+
+async def test_workers_are_not_killed_for_heartbeats_a_redis_outage_held_back(
+    fast: Settings, supervise: Supervise, backend: FakeBackend, redis_server: RedisServer
+) -> None:
+    tree, task = await supervise(fast)
+    await asyncio.sleep(3 * FAKE_BEAT)  # registered and beating
+    workers = backend.named("worker-0") + backend.named("worker-1")
+
+    for process in workers:
+        process.frozen = True  # their heartbeat loops fail, then back off
+    redis_server.pause()  # every call, the supervisor's health check included, is held
+    try:
+        await asyncio.sleep(2 * fast.heartbeat.timeout)
+    finally:
+        redis_server.resume()
+    # Redis is back; the workers' loops are still in their backoff sleep for a while.
+    await asyncio.sleep(fast.heartbeat.timeout + 0.5)
+    for process in workers:
+        process.frozen = False
+    await asyncio.sleep(0.5)
+
+    assert [p.signals for p in workers] == [[], []]
     assert await drained(tree, task) == 0
 
 
