@@ -189,6 +189,18 @@ def machine() -> str:
     )
 
 
+def revision() -> str:
+    """The commit the suite ran on (``-dirty`` with uncommitted changes)."""
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return described.stdout.strip() or "unknown"
+
+
 def render(
     *,
     command: str,
@@ -218,7 +230,8 @@ def render(
         command,
         "```",
         "",
-        f"Run on {time.strftime('%Y-%m-%d')}, {machine()}, in {elapsed / 60:.1f} minutes. "
+        f"Run on {time.strftime('%Y-%m-%d')} at commit `{revision()}`, {machine()}, "
+        f"in {elapsed / 60:.1f} minutes. "
         f"Tests: {status}.",
         "",
         "The full run (each fault 20 times at seeded random moments, a 30-minute soak; "
