@@ -8,6 +8,7 @@ Gateway side: ``enqueue_task`` / ``enqueue_many``, ``wait_for_response``,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -17,7 +18,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from actors.connection import create_client, translated_errors
+from actors.connection import RETRIES, create_client, translated_errors
 from actors.exceptions import (
     InvalidTaskException,
     QueueConnectionException,
@@ -25,6 +26,7 @@ from actors.exceptions import (
 )
 from actors.keys import KeySpace
 from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus, ensure_json
+from actors.multiplexed import MultiplexedConnection
 from actors.ratelimits import rate_keys
 from actors.store import Completion, EnqueueItem, FailOutcome, Lease, TaskStore
 from actors.waiters import ResponseHub
@@ -44,6 +46,7 @@ class RedisQueue:
         self.settings = settings
         self.keys = KeySpace(settings.redis.key_prefix, queue)
         self._client: Redis | None = None
+        self._connection: MultiplexedConnection | None = None
         self._store: TaskStore | None = None
         self._hub: ResponseHub | None = None
         self._wakeup: Wakeup | None = None
@@ -58,17 +61,20 @@ class RedisQueue:
         async with translated_errors():
             await client.ping()
         self._client = client
-        self._store = TaskStore(client, self.keys, self.settings)
-        self._hub = ResponseHub(client, self.keys, self.read_responses)
+        self._connection = MultiplexedConnection(self.settings.redis.url, retries=RETRIES)
+        self._store = TaskStore(client, self._connection, self.keys, self.settings)
+        self._hub = ResponseHub(self.settings.redis.url, self.keys, self.read_responses)
 
     async def close(self) -> None:
         if self._hub is not None:
             await self._hub.close()
         if self._wakeup is not None:
             await self._wakeup.close()
+        if self._connection is not None:
+            await self._connection.close()
         if self._client is not None:
             await self._client.aclose()
-        self._client = self._store = self._hub = self._wakeup = None
+        self._client = self._connection = self._store = self._hub = self._wakeup = None
 
     async def __aenter__(self) -> RedisQueue:
         await self.connect()
@@ -82,6 +88,13 @@ class RedisQueue:
         if self._client is None:
             raise QueueConnectionException("RedisQueue is not connected: call connect() first")
         return self._client
+
+    @property
+    def connection(self) -> MultiplexedConnection:
+        """The connection the scripts and the hot reads share (many calls at once)."""
+        if self._connection is None:
+            raise QueueConnectionException("RedisQueue is not connected: call connect() first")
+        return self._connection
 
     @property
     def store(self) -> TaskStore:
@@ -144,12 +157,15 @@ class RedisQueue:
         return response
 
     async def read_responses(self, request_ids: Sequence[str]) -> list[bytes | None]:
-        """The stored responses of many tasks in one round trip."""
+        """The stored responses of many tasks, pipelined on the multiplexed connection."""
+        connection = self.connection
         async with translated_errors():
-            pipe = self.client.pipeline(transaction=False)
-            for request_id in request_ids:
-                pipe.hget(self.keys.task(request_id), "response")
-            responses: list[Any] = await pipe.execute()
+            responses = await asyncio.gather(
+                *(
+                    connection.execute("HGET", self.keys.task(rid), "response")
+                    for rid in request_ids
+                )
+            )
         return cast(list[bytes | None], responses)
 
     async def wait_for_response(self, request_id: str, timeout: float) -> ScrapingResponse:
@@ -188,7 +204,7 @@ class RedisQueue:
             if claim.wait_ms >= 0:
                 remaining = min(remaining, claim.wait_ms / 1000)
             if self._wakeup is None:
-                self._wakeup = Wakeup(self.client, self.keys.wake)
+                self._wakeup = Wakeup(self.settings.redis.url, self.keys.wake)
             await self._wakeup.wait(remaining)
 
     async def decode_lease(self, worker_id: str, lease: Lease) -> ScrapingRequest | None:
@@ -277,7 +293,9 @@ class TaskManager:
     async def get_task_status(self, request_id: str) -> TaskStatus | None:
         """The task's status in O(1), or None if it does not exist."""
         async with translated_errors():
-            status: Any = await self.queue.client.hget(self.queue.keys.task(request_id), "status")
+            status: Any = await self.queue.connection.execute(
+                "HGET", self.queue.keys.task(request_id), "status"
+            )
         return None if status is None else TaskStatus(status.decode())
 
     async def get_response(self, request_id: str) -> ScrapingResponse | None:

@@ -1,13 +1,15 @@
 """The typed façade over the Lua scripts in ``actors/lua``.
 
 Each ``.lua`` file is one atomic operation; ``_lib.lua`` is prepended to all
-of them. Scripts are registered once per client and run with EVALSHA (redis-py
-reloads them after a Redis restart empties the script cache). Every state
-change of a task happens inside one of these scripts.
+of them. Scripts run with EVALSHA over one multiplexed connection
+(``actors/multiplexed.py``), loaded again whenever Redis answers NOSCRIPT
+(after a restart emptied its script cache). Every state change of a task
+happens inside one of these scripts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,11 +18,11 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from actors.connection import translated_errors
 from actors.exceptions import BackpressureException, DuplicateTaskException
 from actors.keys import KeySpace
+from actors.multiplexed import MultiplexedConnection
 from config.settings import Settings
 
 #: Scripts by name; a test checks that this matches the folder exactly.
@@ -94,8 +96,15 @@ class FailOutcome(IntEnum):
 class TaskStore:
     """One async method per Lua script, with typed arguments and results."""
 
-    def __init__(self, client: Redis, keys: KeySpace, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        connection: MultiplexedConnection,
+        keys: KeySpace,
+        settings: Settings,
+    ) -> None:
         self.client = client
+        self._connection = connection
         self.keys = keys
         self._context = keys.script_context()
         tasks = settings.tasks
@@ -105,13 +114,15 @@ class TaskStore:
         self.lease_ms = int(settings.heartbeat.timeout * 1000)
         self._high_watermark = settings.backpressure.high_watermark
         self._stale_ms = int(settings.backpressure.stale_after * 1000)
-        self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(script_source(name)) for name in SCRIPT_NAMES
-        }
+        self._scripts: dict[str, tuple[str, str]] = {}  # name -> (sha1, source)
+        for name in SCRIPT_NAMES:
+            source = script_source(name)
+            self._scripts[name] = (hashlib.sha1(source.encode()).hexdigest(), source)
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        sha, source = self._scripts[name]
         async with translated_errors():
-            return await self._scripts[name](keys=keys, args=[*self._context, *args])
+            return await self._connection.evalsha(sha, source, keys, [*self._context, *args])
 
     async def enqueue(self, items: Sequence[EnqueueItem]) -> int:
         """Store tasks, all or none; returns how many were new.

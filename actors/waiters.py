@@ -4,7 +4,7 @@ Every task's final response is published on its own channel (``done:<id>``)
 by the script that finishes it. A wait subscribes to that channel first, and
 only when Redis confirms the subscription does it read the stored response:
 a result that landed before the wait began is found by that read, and one
-that lands after it is pushed. When the connection drops, redis-py
+that lands after it is pushed. When the connection drops, the subscription
 resubscribes; each renewed confirmation triggers the same read, so a result
 published during the outage is not missed.
 """
@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-
-from redis.asyncio import Redis
 
 from actors.exceptions import QueueError
 from actors.keys import KeySpace
@@ -30,11 +28,11 @@ ResponsesReader = Callable[[Sequence[str]], Awaitable[list[bytes | None]]]
 class ResponseHub:
     """Fan-in of ``done:<id>`` channels for all the waits of one process."""
 
-    def __init__(self, client: Redis, keys: KeySpace, read_responses: ResponsesReader) -> None:
+    def __init__(self, url: str, keys: KeySpace, read_responses: ResponsesReader) -> None:
         self._keys = keys
         self._prefix = keys.done_prefix.encode()
         self._read_responses = read_responses
-        self._subscription = Subscription(client, "응답 구독", self._on_message)
+        self._subscription = Subscription(url, "응답 구독", self._on_message)
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
         self._to_check: set[str] = set()
         self._checker: asyncio.Task[None] | None = None

@@ -11,20 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from redis.asyncio import Redis
-
 from actors.subscription import Message, Subscription
 
 
 class Wakeup:
     """One subscription to the wake channel, shared by a process's consumers."""
 
-    def __init__(self, client: Redis, channel: str) -> None:
+    def __init__(self, url: str, channel: str) -> None:
         self._channel = channel
         self._event = asyncio.Event()
         # An outage wakes consumers too: they fall back to claiming.
         self._subscription = Subscription(
-            client, "작업 알림 구독", self._on_message, on_outage=self._event.set
+            url, "작업 알림 구독", self._on_message, on_outage=self._event.set
         )
         self._started = False
 

@@ -1,0 +1,269 @@
+"""One Redis connection that carries many concurrent calls: the path of every Lua script.
+
+redis-py's asyncio client checks a connection out of a pool for each call and
+back in afterwards; that bookkeeping (a condition, timeouts, hooks) cost about
+80 µs per call on our machines, three times the round trip itself. Redis
+answers the commands of one connection in order, so one connection can carry
+any number of calls at once: each call writes its command (packed by hiredis)
+and waits on a future; hiredis parses the replies, which go to the futures in
+the order the commands were written. Concurrent callers are pipelined for free.
+
+A broken connection (reset, closed, or a call that timed out: its reply
+would arrive out of turn) fails every call in flight with redis-py's
+``ConnectionError``/``TimeoutError``; the next call opens a new connection.
+Failed calls are retried ``RETRIES`` times with jittered backoff, as the
+pooled client does (``actors/connection.py`` says why every script may be).
+Error replies become redis-py's exception classes, so ``translated_errors``
+treats both clients alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import hiredis
+from redis import exceptions as redis_errors
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+#: Error reply prefixes with their own redis-py exception classes; the rest
+#: are plain ``ResponseError``s.
+_ERRORS: dict[str, type[redis_errors.RedisError]] = {
+    "NOSCRIPT": redis_errors.NoScriptError,
+    "OOM": redis_errors.OutOfMemoryError,
+    "LOADING": redis_errors.BusyLoadingError,  # a ConnectionError: retried
+    "READONLY": redis_errors.ReadOnlyError,
+    "NOAUTH": redis_errors.AuthenticationError,
+    "WRONGPASS": redis_errors.AuthenticationError,
+}
+
+
+def reply_error(reply: hiredis.ReplyError) -> redis_errors.RedisError:
+    """The redis-py exception for an error reply."""
+    message = str(reply)
+    code = message.split(" ", 1)[0]
+    return _ERRORS.get(code, redis_errors.ResponseError)(message)
+
+
+class RespProtocol(asyncio.Protocol):
+    """The wire: writes packed commands, hands parsed replies to waiting futures in order.
+
+    In push mode (``push`` set, for pub/sub) every reply goes to ``push`` instead.
+    """
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader()
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.broken: redis_errors.RedisError | None = None
+        self.push: Callable[[Any], None] | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.last_received = 0.0  # loop time
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = asyncio.get_running_loop().time()
+        self._reader.feed(data)
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.abort(redis_errors.ConnectionError(f"protocol error from Redis: {exc}"))
+                return
+            if reply is False:
+                return
+            if self.push is not None:
+                self.push(reply)
+                continue
+            if not self._waiting:
+                self.abort(redis_errors.ConnectionError("Redis sent a reply nobody asked for"))
+                return
+            future = self._waiting.popleft()
+            if future.done():
+                continue  # its caller was cancelled: the reply is dropped, order is kept
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(reply_error(reply))
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(redis_errors.ConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """Write one command; the future gets its reply."""
+        self.write(packed)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        return future
+
+    def write(self, packed: bytes) -> None:
+        """Write commands whose replies nobody awaits (push mode)."""
+        transport = self._transport
+        if self.broken is not None:
+            raise self.broken
+        if transport is None or transport.is_closing():
+            raise redis_errors.ConnectionError("connection to Redis is closed")
+        try:
+            transport.write(packed)
+        except RuntimeError as exc:  # uvloop, on a connection the peer reset
+            error = redis_errors.ConnectionError(f"connection lost while writing: {exc}")
+            self.abort(error)
+            raise error from exc
+
+    def abort(self, error: redis_errors.RedisError) -> None:
+        """Fail every call in flight with ``error`` and drop the connection."""
+        self._fail(error)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail(self, error: redis_errors.RedisError) -> None:
+        if self.broken is None:
+            self.broken = error
+        if not self.closed.done():
+            self.closed.set_result(None)
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+
+class MultiplexedConnection:
+    """Calls to one Redis (the ``[redis] url``) over a single pipelined connection."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retries: int,
+        connect_timeout: float = 5.0,
+        call_timeout: float = 15.0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 2.0,
+    ) -> None:
+        self._options = connect_options(url)
+        self._retries = retries
+        self._connect_timeout = connect_timeout
+        self._call_timeout = call_timeout
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._protocol: RespProtocol | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+
+    async def execute(self, *args: Any) -> Any:
+        """Run one command; retried when the connection breaks."""
+        try:
+            packed = hiredis.pack_command(args)
+        except TypeError as exc:
+            raise redis_errors.DataError(str(exc)) from exc
+        attempt = 0
+        while True:
+            try:
+                return await self._call(packed)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                if attempt >= self._retries or self._closed:
+                    raise
+                attempt += 1
+                ceiling = min(self._backoff_cap, self._backoff_base * 2**attempt)
+                await asyncio.sleep(random.uniform(0, ceiling))
+
+    async def evalsha(self, sha: str, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run a script by its SHA, loading it first if Redis does not know it (yet)."""
+        try:
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+        except redis_errors.NoScriptError:
+            await self.execute("SCRIPT", "LOAD", source)
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._protocol is not None:
+            self._protocol.abort(redis_errors.ConnectionError("connection closed by the client"))
+            self._protocol = None
+
+    async def _call(self, packed: bytes) -> Any:
+        protocol = await self._connected()
+        future = protocol.send(packed)
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                # A cancelled caller leaves a cancelled future: its reply is skipped.
+                return await future
+        except TimeoutError as exc:
+            # Later replies would go to the wrong callers: start afresh.
+            error = redis_errors.TimeoutError(f"no reply from Redis in {self._call_timeout:g} s")
+            protocol.abort(error)
+            raise error from exc
+
+    async def _connected(self) -> RespProtocol:
+        protocol = self._protocol
+        if protocol is not None and protocol.broken is None:
+            return protocol
+        if self._closed:
+            raise redis_errors.ConnectionError("connection closed by the client")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._protocol is None or self._protocol.broken is not None:
+                self._protocol = await open_protocol(self._options, self._connect_timeout)
+            return self._protocol
+
+
+def connect_options(url: str) -> dict[str, Any]:
+    """Where and how to connect, from a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+    return dict(parse_url(url))
+
+
+async def open_protocol(options: dict[str, Any], timeout: float) -> RespProtocol:
+    """A connected, authenticated protocol on the right database."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            if options.get("connection_class") is UnixDomainSocketConnection:
+                _, protocol = await loop.create_unix_connection(RespProtocol, options["path"])
+            else:
+                _, protocol = await loop.create_connection(
+                    RespProtocol,
+                    options.get("host", "localhost"),
+                    options.get("port", 6379),
+                    ssl=_tls_context(options),
+                )
+    except (OSError, TimeoutError) as exc:
+        raise redis_errors.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+    setup: list[tuple[Any, ...]] = []
+    if options.get("password") is not None:
+        credentials = [options["username"]] if options.get("username") else []
+        setup.append(("AUTH", *credentials, options["password"]))
+    if options.get("db"):
+        setup.append(("SELECT", options["db"]))
+    try:
+        async with asyncio.timeout(timeout):
+            for command in setup:
+                await protocol.send(hiredis.pack_command(command))
+    except BaseException as exc:
+        protocol.abort(redis_errors.ConnectionError(f"connection setup failed: {exc}"))
+        if isinstance(exc, TimeoutError):
+            raise redis_errors.TimeoutError("no reply from Redis to AUTH/SELECT") from exc
+        raise
+    return protocol
+
+
+def _tls_context(options: dict[str, Any]) -> ssl.SSLContext | None:
+    if options.get("connection_class") is not SSLConnection:
+        return None
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return context
