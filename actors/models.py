@@ -31,6 +31,7 @@ REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SCRIPT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_PRIORITY = 1000  # |priority| bound: keeps the queue score exact in a double
 FROM_JSON = "from_json"  # validation context flag: the input is parsed JSON
+STORED_ID = "stored_id"  # validation context: the id of a stored request (not in its JSON)
 
 
 class TaskStatus(StrEnum):
@@ -102,10 +103,22 @@ class ScrapingRequest(BaseModel):
             ensure_json(value, "parameters")
         return value
 
+    @model_validator(mode="before")
     @classmethod
-    def from_stored(cls, raw: bytes) -> ScrapingRequest:
+    def _stored_id(cls, data: Any, info: ValidationInfo) -> Any:
+        # A stored request leaves its id out: the record's key holds it.
+        if info.context and STORED_ID in info.context and isinstance(data, dict):
+            return {**data, "request_id": info.context[STORED_ID]}
+        return data
+
+    @classmethod
+    def from_stored(cls, raw: bytes, request_id: str) -> ScrapingRequest:
         """Parse a stored task; raises ValidationError (a ValueError) if it is corrupt."""
-        return cls.model_validate_json(raw, context={FROM_JSON: True})
+        return cls.model_validate_json(raw, context={FROM_JSON: True, STORED_ID: request_id})
+
+    def stored_json(self) -> str:
+        """The form kept in Redis: no id (the key has it), no field left at its default."""
+        return self.model_dump_json(exclude_defaults=True, exclude={"request_id"})
 
     @field_validator("timeout", "expires_in")
     @classmethod

@@ -115,7 +115,7 @@ class RedisQueue:
             defaults["max_retries"] = tasks.max_retries
         if defaults:
             request = request.model_copy(update=defaults)
-        payload = request.model_dump_json()
+        payload = request.stored_json()
         size = len(payload.encode())
         if size > tasks.max_payload_bytes:
             raise InvalidTaskException(
@@ -210,7 +210,7 @@ class RedisQueue:
     async def decode_lease(self, worker_id: str, lease: Lease) -> ScrapingRequest | None:
         """The request of a lease; a corrupt record is dead-lettered, not crashed on."""
         try:
-            return ScrapingRequest.from_stored(lease.request_json)
+            return ScrapingRequest.from_stored(lease.request_json, lease.request_id)
         except (InvalidTaskException, ValueError) as exc:
             logger.error("작업 %s 의 저장된 요청이 손상됨, 격리함: %s", lease.request_id, exc)
             await self.store.fail(

@@ -126,7 +126,8 @@ async def test_enqueue_stores_a_pending_task_with_its_request(queue: RedisQueue)
     assert stored["status"] == "pending"
     assert stored["attempt"] == "0"
     assert stored["max_retries"] == "1"
-    assert ScrapingRequest.model_validate_json(stored["request"]) == sent
+    assert ScrapingRequest.from_stored(stored["request"], sent.request_id) == sent
+    assert "request_id" not in json.loads(stored["request"])  # the key holds it
     assert await sets_holding(queue, sent.request_id) == {"pending"}
     assert await stat(queue, "enqueued") == 1
 
@@ -212,7 +213,10 @@ async def test_claim_leases_the_task_until_a_deadline_on_the_redis_clock(
     assert deadline is not None
     assert before + store.lease_ms <= deadline <= after + store.lease_ms
     assert lease.attempt == 1
-    assert ScrapingRequest.model_validate_json(lease.request_json).request_id == request_id
+    assert lease.request_id == request_id
+    assert (
+        ScrapingRequest.from_stored(lease.request_json, lease.request_id).request_id == request_id
+    )
     stored = await record(queue, request_id)
     assert (stored["status"], stored["worker"], stored["attempt"]) == ("running", "w1", "1")
     assert await sets_holding(queue, request_id) == {"running"}
