@@ -58,7 +58,7 @@ class RespProtocol(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()  # (call, sent at)
         self._transport: asyncio.Transport | None = None
         self.broken: redis_errors.RedisError | None = None
         self.push: Callable[[Any], None] | None = None
@@ -88,7 +88,7 @@ class RespProtocol(asyncio.Protocol):
             if not self._waiting:
                 self.abort(redis_errors.ConnectionError("Redis sent a reply nobody asked for"))
                 return
-            future = self._waiting.popleft()
+            future, _ = self._waiting.popleft()
             if future.done():
                 continue  # its caller was cancelled: the reply is dropped, order is kept
             if isinstance(reply, hiredis.ReplyError):
@@ -102,9 +102,14 @@ class RespProtocol(asyncio.Protocol):
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Write one command; the future gets its reply."""
         self.write(packed)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((future, loop.time()))
         return future
+
+    def oldest_call(self) -> float | None:
+        """When the oldest call still waiting for its reply was sent (loop time)."""
+        return self._waiting[0][1] if self._waiting else None
 
     def write(self, packed: bytes) -> None:
         """Write commands whose replies nobody awaits (push mode)."""
@@ -132,7 +137,7 @@ class RespProtocol(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         while self._waiting:
-            future = self._waiting.popleft()
+            future, _ = self._waiting.popleft()
             if not future.done():
                 future.set_exception(error)
 
@@ -193,16 +198,26 @@ class MultiplexedConnection:
 
     async def _call(self, packed: bytes) -> Any:
         protocol = await self._connected()
-        future = protocol.send(packed)
-        try:
-            async with asyncio.timeout(self._call_timeout):
-                # A cancelled caller leaves a cancelled future: its reply is skipped.
-                return await future
-        except TimeoutError as exc:
-            # Later replies would go to the wrong callers: start afresh.
-            error = redis_errors.TimeoutError(f"no reply from Redis in {self._call_timeout:g} s")
-            protocol.abort(error)
-            raise error from exc
+        # A cancelled caller leaves a cancelled future: its reply is skipped.
+        return await protocol.send(packed)
+
+    def _watch(self, protocol: RespProtocol) -> None:
+        """Abort a connection whose oldest call has waited ``call_timeout``.
+
+        One timer per connection rather than one per call: a per-call timeout
+        cost more than the rest of the call's Python. Later replies would go
+        to the wrong callers, so the whole connection goes, and its calls are
+        retried on a new one.
+        """
+        if protocol.broken is not None:
+            return
+        loop = asyncio.get_running_loop()
+        sent = protocol.oldest_call()
+        if sent is not None and loop.time() - sent >= self._call_timeout:
+            timeout = self._call_timeout
+            protocol.abort(redis_errors.TimeoutError(f"no reply from Redis in {timeout:g} s"))
+            return
+        loop.call_later(min(1.0, self._call_timeout / 4), self._watch, protocol)
 
     async def _connected(self) -> RespProtocol:
         protocol = self._protocol
@@ -215,6 +230,7 @@ class MultiplexedConnection:
         async with self._connecting:
             if self._protocol is None or self._protocol.broken is not None:
                 self._protocol = await open_protocol(self._options, self._connect_timeout)
+                self._watch(self._protocol)
             return self._protocol
 
 
