@@ -13,7 +13,8 @@
 -- ARGV[6] high watermark: the depth (pending + gated) no enqueue may pass
 -- ARGV[7] governor staleness (ms): older published state is ignored (fail open
 --         to the high watermark) so a dead governor cannot wedge the queue
--- ARGV[8] number of tasks n, then n groups of 6: request_id, request_json,
+-- ARGV[8] number of tasks n (at most 3,000: the ZADD of a batch unpacks 2n
+--         arguments onto the Lua stack), then n groups of 6: request_id, request_json,
 --         priority, max_retries, expires_in_ms (0 = never), rate_keys ("" = none)
 --
 -- Returns {code, value}
@@ -70,29 +71,42 @@ if bp[1] and now - tonumber(bp[3]) <= stale_ms then
 end
 
 local gating = redis.call('EXISTS', KEYS[5], KEYS[6]) > 0
+-- One sequence number per task, drawn in one call for the whole batch.
+local seq = redis.call('INCRBY', KEYS[2], #fresh) - #fresh
+local ready = {}  -- ZADD arguments for the tasks claimable now
 for _, base in ipairs(fresh) do
   local id = ARGV[base + 1]
-  local score = -tonumber(ARGV[base + 3]) * 1e12 + redis.call('INCR', KEYS[2])
+  seq = seq + 1
+  local score = -tonumber(ARGV[base + 3]) * 1e12 + seq
   local key = PREFIX .. id
-  redis.call('HSET', key, 'status', 'pending', 'request', ARGV[base + 2], 'score', score,
-    'attempt', 0, 'max_retries', ARGV[base + 4], 'enqueued_at', now)
+  local fields = {'status', 'pending', 'request', ARGV[base + 2], 'score', score,
+    'attempt', 0, 'max_retries', ARGV[base + 4], 'enqueued_at', now}
   local expires_in = tonumber(ARGV[base + 5])
   if expires_in > 0 then
-    redis.call('HSET', key, 'expires_at', now + expires_in)
+    fields[#fields + 1] = 'expires_at'
+    fields[#fields + 1] = now + expires_in
   end
   local gate = nil
   if ARGV[base + 6] ~= '' then
-    redis.call('HSET', key, 'rate_keys', ARGV[base + 6])
+    fields[#fields + 1] = 'rate_keys'
+    fields[#fields + 1] = ARGV[base + 6]
     if gating then
       gate = gate_for(KEYS[5], KEYS[6], split_keys(ARGV[base + 6]))
     end
   end
+  redis.call('HSET', key, unpack(fields))
   if gate then
     enter_gate(KEYS[7], KEYS[3], gate_prefix, gate, id, score, now)
   else
-    redis.call('ZADD', KEYS[1], score, id)
+    ready[#ready + 1] = score
+    ready[#ready + 1] = id
   end
-  emit('task.enqueued', now, {request_id = id})
+  -- Ids match REQUEST_ID_PATTERN (checked by the client): no JSON escaping needed.
+  redis.call('PUBLISH', EVENTS,
+    '{"event":"task.enqueued","ts":' .. (now / 1000) .. ',"request_id":"' .. id .. '"}')
+end
+if #ready > 0 then
+  redis.call('ZADD', KEYS[1], unpack(ready))
 end
 
 redis.call('HINCRBY', KEYS[3], 'enqueued', #fresh)
