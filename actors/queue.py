@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: Tasks per enqueue script call in ``enqueue_many``; each chunk is all or nothing.
 ENQUEUE_CHUNK = 500
+#: Chunks of one ``enqueue_many`` in flight at once (sent while Redis runs the previous).
+ENQUEUE_WINDOW = 4
 
 
 class RedisQueue:
@@ -144,11 +146,21 @@ class RedisQueue:
     async def enqueue_many(self, requests: Sequence[ScrapingRequest]) -> list[str]:
         """Store many tasks in chunks of ``ENQUEUE_CHUNK``, each chunk all or nothing.
 
-        Every request is validated before anything is written.
+        Every request is validated before anything is written. Up to
+        ``ENQUEUE_WINDOW`` chunks are in flight at once, so Redis runs one
+        while the next is sent. If one fails (backpressure, a duplicate id),
+        others may be stored: enqueueing the same requests again is safe,
+        since an id already holding the same request is a no-op.
         """
         items = [self.prepare(request) for request in requests]
-        for start in range(0, len(items), ENQUEUE_CHUNK):
-            await self.store.enqueue(items[start : start + ENQUEUE_CHUNK])
+        window = asyncio.Semaphore(ENQUEUE_WINDOW)
+
+        async def send(chunk: Sequence[EnqueueItem]) -> None:
+            async with window:
+                await self.store.enqueue(chunk)
+
+        chunks = [items[i : i + ENQUEUE_CHUNK] for i in range(0, len(items), ENQUEUE_CHUNK)]
+        await asyncio.gather(*(send(chunk) for chunk in chunks))
         return [item.request_id for item in items]
 
     async def read_response(self, request_id: str) -> bytes | None:

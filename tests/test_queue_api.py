@@ -12,8 +12,10 @@ import pytest
 from helpers import event_log, wait_for
 from redis.exceptions import ResponseError
 
+from actors import queue as queue_module
 from actors.exceptions import (
     BackpressureException,
+    DuplicateTaskException,
     InvalidTaskException,
     QueueConnectionException,
 )
@@ -76,6 +78,34 @@ async def test_enqueue_many_returns_ids_in_order_and_they_run_in_order(
     assert ids == [r.request_id for r in sent]
     assert [(await dequeue(queue)).request_id for _ in range(3)] == ids[:3]
     assert await queue.client.zcard(queue.keys.pending) == ENQUEUE_CHUNK
+
+
+async def test_enqueue_many_keeps_fifo_order_across_chunks_sent_in_parallel(
+    queue: RedisQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_module, "ENQUEUE_CHUNK", 3)  # 10 chunks, 4 in flight at once
+    sent = [request() for _ in range(30)]
+
+    ids = await queue.enqueue_many(sent)
+
+    assert [(await dequeue(queue)).request_id for _ in range(30)] == ids
+
+
+async def test_enqueue_many_after_a_refused_chunk_can_be_sent_again_whole(
+    queue: RedisQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_module, "ENQUEUE_CHUNK", 3)
+    taken = request()
+    await queue.enqueue_task(taken)
+    clash = request(request_id=taken.request_id, priority=5)  # same id, other request
+    batch = [request() for _ in range(7)] + [clash] + [request() for _ in range(7)]
+
+    with pytest.raises(DuplicateTaskException):
+        await queue.enqueue_many(batch)
+    without_clash = [r for r in batch if r is not clash]
+    await queue.enqueue_many(without_clash)  # chunks stored the first time are no-ops
+
+    assert await queue.client.zcard(queue.keys.pending) == 1 + len(without_clash)
 
 
 async def test_oversized_payload_is_rejected_naming_parameters_and_writes_nothing(
