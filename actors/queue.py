@@ -64,7 +64,7 @@ class RedisQueue:
             await client.ping()
         self._client = client
         self._connection = MultiplexedConnection(self.settings.redis.url, retries=RETRIES)
-        self._store = TaskStore(client, self._connection, self.keys, self.settings)
+        self._store = TaskStore(self._connection, self.keys, self.settings)
         self._hub = ResponseHub(self.settings.redis.url, self.keys, self.read_responses)
 
     async def close(self) -> None:

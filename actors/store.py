@@ -17,8 +17,6 @@ from enum import IntEnum
 from importlib import resources
 from typing import Any, NamedTuple
 
-from redis.asyncio import Redis
-
 from actors.connection import translated_errors
 from actors.exceptions import BackpressureException, DuplicateTaskException
 from actors.keys import KeySpace
@@ -65,6 +63,14 @@ class EnqueueItem(NamedTuple):
     rate_keys: str  # space-separated rate keys ("" = none)
 
 
+def _with_sha(source: str) -> tuple[str, str]:
+    return hashlib.sha1(source.encode()).hexdigest(), source
+
+
+#: name -> (SHA1, source) of every script, read once per process.
+_SCRIPTS = {name: _with_sha(script_source(name)) for name in SCRIPT_NAMES}
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A task leased to a worker; ``attempt`` is the lease's fencing token."""
@@ -98,13 +104,8 @@ class TaskStore:
     """One async method per Lua script, with typed arguments and results."""
 
     def __init__(
-        self,
-        client: Redis,
-        connection: MultiplexedConnection,
-        keys: KeySpace,
-        settings: Settings,
+        self, connection: MultiplexedConnection, keys: KeySpace, settings: Settings
     ) -> None:
-        self.client = client
         self._connection = connection
         self.keys = keys
         self._context = keys.script_context()
@@ -115,13 +116,9 @@ class TaskStore:
         self.lease_ms = int(settings.heartbeat.timeout * 1000)
         self._high_watermark = settings.backpressure.high_watermark
         self._stale_ms = int(settings.backpressure.stale_after * 1000)
-        self._scripts: dict[str, tuple[str, str]] = {}  # name -> (sha1, source)
-        for name in SCRIPT_NAMES:
-            source = script_source(name)
-            self._scripts[name] = (hashlib.sha1(source.encode()).hexdigest(), source)
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        sha, source = self._scripts[name]
+        sha, source = _SCRIPTS[name]
         async with translated_errors():
             return await self._connection.evalsha(sha, source, keys, [*self._context, *args])
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import event_log, wait_for
 from supervisor_harness import configured
 
 from actors.exceptions import BackpressureException
@@ -100,29 +99,9 @@ async def governing(settings: Settings) -> AsyncIterator[Governor]:
         await asyncio.wait_for(main, 10)
 
 
-@contextlib.asynccontextmanager
-async def state_changes(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
-    """The backpressure.changed events published while the block runs."""
-    seen: list[dict[str, Any]] = []
-    pubsub = queue.client.pubsub()
-    await pubsub.subscribe(queue.keys.events)
-
-    async def read() -> None:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                event = json.loads(message["data"])
-                if event["event"] == "backpressure.changed":
-                    seen.append(event)
-
-    reader = asyncio.create_task(read())
-    try:
-        yield seen
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+def state_changes(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The backpressure.changed events among ``events``."""
+    return [e for e in events if e["event"] == "backpressure.changed"]
 
 
 def tasks(n: int) -> list[ScrapingRequest]:
@@ -142,21 +121,23 @@ async def test_every_state_change_publishes_backpressure_changed_and_only_change
     )
     async with (
         RedisQueue(watermarks) as queue,
-        state_changes(queue) as seen,
+        event_log(queue) as events,
         governing(watermarks),
     ):
-        await wait_for(lambda: len(seen) == 1, 5, message="no first state published")
+        await wait_for(lambda: len(state_changes(events)) == 1, 5, message="no first state")
         await queue.enqueue_many(tasks(12))
-        await wait_for(lambda: len(seen) == 2, 5, message="never throttled")
+        await wait_for(lambda: len(state_changes(events)) == 2, 5, message="never throttled")
         await queue.enqueue_many(tasks(8))  # a fresh bucket admits one whole batch
-        await wait_for(lambda: len(seen) == 3, 5, message="never closed")
+        await wait_for(lambda: len(state_changes(events)) == 3, 5, message="never closed")
 
         await queue.store.claim("w1", 12)  # depth 8: above low_watermark
         await asyncio.sleep(4 * INTERVAL)
         assert await published_state(queue) == "closed"
-        assert len(seen) == 3
+        assert len(state_changes(events)) == 3
         await queue.store.claim("w1", 5)  # depth 3
-        await wait_for(lambda: len(seen) == 4, 5, message="never reopened")
+        await wait_for(lambda: len(state_changes(events)) == 4, 5, message="never reopened")
+
+    seen = state_changes(events)
 
     assert [(e["previous"], e["state"]) for e in seen] == [
         ("", "open"),

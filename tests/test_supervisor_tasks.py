@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import count, event_log, wait_for
 from supervisor_harness import (
     Launcher,
     config_file,
@@ -27,24 +26,10 @@ from config.settings import Settings
 
 
 @pytest.fixture
-async def completions(queue: RedisQueue) -> AsyncIterator[Counter[str]]:
-    """task.completed events per request id, counted while the test runs."""
-    counts: Counter[str] = Counter()
-    pubsub = queue.client.pubsub()
-    await pubsub.subscribe(queue.keys.events)
-
-    async def read() -> None:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                event = json.loads(message["data"])
-                if event["event"] == "task.completed":
-                    counts[event["request_id"]] += 1
-
-    reader = asyncio.create_task(read())
-    yield counts
-    reader.cancel()
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+async def completions(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
+    """The events published while the test runs (task.completed ones are counted)."""
+    async with event_log(queue) as events:
+        yield events
 
 
 async def all_completed(tasks: TaskManager, ids: list[str], timeout: float) -> None:
@@ -73,7 +58,7 @@ async def test_worker_sigkilled_mid_task_is_redelivered_once_and_the_pool_is_ref
     queue: RedisQueue,
     launch: Launcher,
     tmp_path: Path,
-    completions: Counter[str],
+    completions: list[dict[str, Any]],
 ) -> None:
     supervisor = launch(config_file(tmp_path, settings, processes=2))
     await wait_for_workers(queue, supervisor, 2)
@@ -85,7 +70,7 @@ async def test_worker_sigkilled_mid_task_is_redelivered_once_and_the_pool_is_ref
 
     await all_completed(TaskManager(queue), [request_id], timeout=20)
     await asyncio.sleep(0.5)  # a second completion would be published by now
-    assert completions[request_id] == 1
+    assert count(completions, "task.completed", request_id=request_id) == 1
     refilled = await wait_for_workers(queue, supervisor, 2)
     assert pid not in refilled
 
@@ -157,7 +142,7 @@ async def test_tasks_of_a_sigkilled_supervisor_are_all_finished_by_the_next_one(
     queue: RedisQueue,
     launch: Launcher,
     tmp_path: Path,
-    completions: Counter[str],
+    completions: list[dict[str, Any]],
 ) -> None:
     config = config_file(tmp_path, settings, processes=2, worker={"concurrency": 2})
     first = launch(config)
@@ -175,4 +160,4 @@ async def test_tasks_of_a_sigkilled_supervisor_are_all_finished_by_the_next_one(
     await all_completed(TaskManager(queue), ids, timeout=60)
     await asyncio.sleep(0.5)
     assert second.process.poll() is None, second.output()
-    assert all(completions[i] == 1 for i in ids), completions
+    assert all(count(completions, "task.completed", request_id=i) == 1 for i in ids)
