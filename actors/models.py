@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
+import os
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Self
@@ -51,8 +51,18 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _new_id() -> str:
-    return str(uuid.uuid4())
+def new_request_id() -> str:
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` gives.
+
+    Formatted from the random bytes directly: a third of the cost of
+    building a ``UUID`` object, which matters when the Gateway builds
+    requests by the tens of thousands a second.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def invalid_from(exc: ValidationError) -> InvalidTaskException:
@@ -75,7 +85,7 @@ class ScrapingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    request_id: str = Field(default_factory=_new_id, pattern=REQUEST_ID_PATTERN)
+    request_id: str = Field(default_factory=new_request_id, pattern=REQUEST_ID_PATTERN)
     script_name: str = Field(pattern=SCRIPT_NAME_PATTERN)
     parameters: dict[str, Any] = Field(default_factory=dict)
     script_version: str | None = Field(default=None, max_length=64)

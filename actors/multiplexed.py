@@ -174,7 +174,11 @@ class MultiplexedConnection:
         attempt = 0
         while True:
             try:
-                return await self._call(packed)
+                protocol = self._protocol
+                if protocol is None or protocol.broken is not None:
+                    protocol = await self._connected()
+                # A cancelled caller leaves a cancelled future: its reply is skipped.
+                return await protocol.send(packed)
             except (redis_errors.ConnectionError, redis_errors.TimeoutError):
                 if attempt >= self._retries or self._closed:
                     raise
@@ -196,11 +200,6 @@ class MultiplexedConnection:
             self._protocol.abort(redis_errors.ConnectionError("connection closed by the client"))
             self._protocol = None
 
-    async def _call(self, packed: bytes) -> Any:
-        protocol = await self._connected()
-        # A cancelled caller leaves a cancelled future: its reply is skipped.
-        return await protocol.send(packed)
-
     def _watch(self, protocol: RespProtocol) -> None:
         """Abort a connection whose oldest call has waited ``call_timeout``.
 
@@ -220,9 +219,6 @@ class MultiplexedConnection:
         loop.call_later(min(1.0, self._call_timeout / 4), self._watch, protocol)
 
     async def _connected(self) -> RespProtocol:
-        protocol = self._protocol
-        if protocol is not None and protocol.broken is None:
-            return protocol
         if self._closed:
             raise redis_errors.ConnectionError("connection closed by the client")
         if self._connecting is None:

@@ -60,7 +60,7 @@ class RedisQueue:
         if self._client is not None:
             return
         client = create_client(self.settings)
-        async with translated_errors():
+        with translated_errors():
             await client.ping()
         self._client = client
         self._connection = MultiplexedConnection(self.settings.redis.url, retries=RETRIES)
@@ -171,7 +171,7 @@ class RedisQueue:
     async def read_responses(self, request_ids: Sequence[str]) -> list[bytes | None]:
         """The stored responses of many tasks, pipelined on the multiplexed connection."""
         connection = self.connection
-        async with translated_errors():
+        with translated_errors():
             responses = await asyncio.gather(
                 *(
                     connection.execute("HGET", self.keys.task(rid), "response")
@@ -293,7 +293,7 @@ class TaskManager:
 
     async def _current_lease(self, request_id: str) -> tuple[str, int] | None:
         """The lease of a running task dequeued by another process (unfenced report)."""
-        async with translated_errors():
+        with translated_errors():
             fields: Any = await self.queue.client.hmget(
                 self.queue.keys.task(request_id), ["status", "worker", "attempt"]
             )
@@ -304,7 +304,7 @@ class TaskManager:
 
     async def get_task_status(self, request_id: str) -> TaskStatus | None:
         """The task's status in O(1), or None if it does not exist."""
-        async with translated_errors():
+        with translated_errors():
             status: Any = await self.queue.connection.execute(
                 "HGET", self.queue.keys.task(request_id), "status"
             )
@@ -317,7 +317,7 @@ class TaskManager:
 
     async def get_task(self, request_id: str) -> dict[str, Any] | None:
         """Everything stored about one task (for operators), or None."""
-        async with translated_errors():
+        with translated_errors():
             record: Any = await self.queue.client.hgetall(self.queue.keys.task(request_id))
         return decode_record(record) if record else None
 
@@ -333,7 +333,7 @@ class TaskManager:
     async def list_dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest dead letters: request, last error, attempt history."""
         keys = self.queue.keys
-        async with translated_errors():
+        with translated_errors():
             ids: list[bytes] = cast(
                 list[bytes], await self.queue.client.zrevrange(keys.dead, 0, max(0, limit - 1))
             )
@@ -359,7 +359,7 @@ class TaskManager:
 
     async def paused_keys(self) -> dict[str, float]:
         """Rate keys paused now (HTTP 429 or circuit breaker): key -> seconds left."""
-        async with translated_errors():
+        with translated_errors():
             now_ms = await redis_time_ms(self.queue.client)
             fields: Any = await self.queue.client.hgetall(self.queue.keys.paused)
         return {
@@ -371,7 +371,7 @@ class TaskManager:
     async def queue_stats(self) -> dict[str, int]:
         """Counts per state: current depths and monotonic totals."""
         keys = self.queue.keys
-        async with translated_errors():
+        with translated_errors():
             pipe = self.queue.client.pipeline(transaction=False)
             for key in (keys.pending, keys.running, keys.delayed, keys.dead):
                 pipe.zcard(key)
@@ -399,8 +399,11 @@ async def redis_time_ms(client: Redis) -> int:
 
 
 def decode_record(record: dict[bytes, bytes]) -> dict[str, Any]:
-    """A task hash as a dict of str, with JSON fields parsed."""
-    out: dict[str, Any] = {k.decode(): v.decode() for k, v in record.items()}
+    """A task hash as a dict of str, with JSON fields parsed.
+
+    ``attempt`` is 0 for a task never started (the record leaves it out).
+    """
+    out: dict[str, Any] = {"attempt": "0"} | {k.decode(): v.decode() for k, v in record.items()}
     for field in ("request", "response", "history"):
         if field in out:
             with contextlib.suppress(ValueError):  # a corrupt field is shown as stored
@@ -424,7 +427,7 @@ class WorkerMonitor:
         await self.queue.store.heartbeat(worker_id, dict(fields))
 
     async def increment_task_counter(self, worker_id: str, count: int = 1) -> None:
-        async with translated_errors():
+        with translated_errors():
             await self.queue.client.hincrby(
                 self.queue.keys.worker(worker_id), "tasks_processed", count
             )
@@ -433,7 +436,7 @@ class WorkerMonitor:
         """Every known worker; ``status`` is ``inactive`` once its heartbeat is overdue."""
         keys = self.queue.keys
         timeout_ms = self.queue.settings.heartbeat.timeout * 1000
-        async with translated_errors():
+        with translated_errors():
             now_ms = await redis_time_ms(self.queue.client)
             ids: list[bytes] = cast(
                 list[bytes], await self.queue.client.zrange(keys.workers, 0, -1)

@@ -119,7 +119,7 @@ class TaskStore:
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         sha, source = _SCRIPTS[name]
-        async with translated_errors():
+        with translated_errors():
             return await self._connection.evalsha(sha, source, keys, [*self._context, *args])
 
     async def enqueue(self, items: Sequence[EnqueueItem]) -> int:

@@ -70,7 +70,7 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
     stats = await manager.queue_stats()
     paused = await manager.paused_keys()
     workers = await WorkerMonitor(queue).get_active_workers()
-    async with translated_errors():
+    with translated_errors():
         fields: Any = await queue.client.hgetall(queue.keys.backpressure)
     for worker in workers:
         worker.setdefault("pid", None)
@@ -148,7 +148,7 @@ async def follow_events(args: argparse.Namespace, settings: Settings) -> int:
     async with RedisQueue(settings) as queue:
         pubsub = queue.client.pubsub(ignore_subscribe_messages=True)
         try:
-            async with translated_errors():
+            with translated_errors():
                 await pubsub.subscribe(queue.keys.events)
             logger.info("이벤트 스트림 구독 시작: %s", queue.keys.events)
             with stop_on_signals() as stop:

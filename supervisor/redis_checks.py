@@ -32,7 +32,7 @@ async def check_eviction_policy(client: Redis) -> None:
     a managed service that renamed the command) is logged and accepted.
     """
     try:
-        async with translated_errors():
+        with translated_errors():
             reply = await client.config_get("maxmemory-policy")
     except ScriptError as exc:  # a refusal (no permission, renamed command)
         logger.warning("Redis maxmemory-policy를 확인할 수 없어 검사를 건너뜁니다: %s", exc)
@@ -74,7 +74,7 @@ class EpochGuard:
 
         Raises ``QueueConnectionException`` when Redis cannot be reached.
         """
-        async with translated_errors():
+        with translated_errors():
             current = await self._client.get(self._key)
         run_id = await self._server_run_id()
         if run_id != self._run_id:
@@ -101,7 +101,7 @@ class EpochGuard:
     async def _ensure_epoch(self) -> bytes:
         """The epoch in Redis: ours if there was none, else the one already there."""
         candidate = uuid.uuid4().hex.encode()
-        async with translated_errors():
+        with translated_errors():
             while True:  # repeats only if the key is deleted between SET NX and GET
                 if await self._client.set(self._key, candidate, nx=True):
                     return candidate
@@ -110,6 +110,6 @@ class EpochGuard:
                     return value
 
     async def _server_run_id(self) -> str:
-        async with translated_errors():
+        with translated_errors():
             info = await self._client.info("server")
         return str(info.get("run_id", ""))

@@ -439,7 +439,7 @@ class ProcessTree:
             "previous_worker_id": previous,
         }
         try:
-            async with translated_errors():
+            with translated_errors():
                 await self._queue.client.publish(self._queue.keys.events, json.dumps(event))
         except QueueConnectionException as exc:
             logger.debug("worker.restarted 이벤트 발행 실패: %s", exc)
@@ -521,7 +521,7 @@ class ProcessTree:
         loop = asyncio.get_running_loop()
         started = loop.time()
         records = {r["worker_id"]: r for r in await self._monitor.get_active_workers()}
-        async with translated_errors():
+        with translated_errors():
             seconds, micros = await self._queue.client.time()
         redis_now = seconds + micros / 1_000_000
         await self._epoch.check()

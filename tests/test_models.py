@@ -30,6 +30,8 @@ def test_request_defaults_follow_the_contract() -> None:
     request = ScrapingRequest(script_name="echo")
 
     assert str(uuid.UUID(request.request_id)) == request.request_id
+    assert uuid.UUID(request.request_id).version == 4
+    assert uuid.UUID(request.request_id).variant == uuid.RFC_4122
     assert request.parameters == {}
     assert request.script_version is None
     assert request.timeout == 300

@@ -251,7 +251,8 @@ class QueueMachine(RuleBasedStateMachine):
                 assert record["status"] == SET_STATUS[sets[0]], (request_id, sets, record)
             else:
                 assert record["status"] in SETLESS, (request_id, record)
-            assert int(record["attempt"]) <= int(record["max_retries"]) + 1
+            # No attempt field until the first claim.
+            assert int(record.get("attempt", 0)) <= int(record["max_retries"]) + 1
 
     @invariant()
     def no_task_completes_twice(self) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from actors.exceptions import BackpressureException, DuplicateTaskException
+from actors.exceptions import BackpressureException, DuplicateTaskException, ScriptError
 from actors.models import ScrapingRequest
-from actors.queue import RedisQueue
+from actors.queue import RedisQueue, TaskManager
 from actors.store import SCRIPT_NAMES, Completion, FailOutcome, Lease, TaskStore
 from config.settings import Settings
 
@@ -124,7 +124,8 @@ async def test_enqueue_stores_a_pending_task_with_its_request(queue: RedisQueue)
 
     stored = await record(queue, sent.request_id)
     assert stored["status"] == "pending"
-    assert stored["attempt"] == "0"
+    assert "attempt" not in stored  # absent (0) until the first claim: a smaller record
+    assert (await TaskManager(queue).get_task(sent.request_id) or {})["attempt"] == 0
     assert stored["max_retries"] == "1"
     assert ScrapingRequest.from_stored(stored["request"], sent.request_id) == sent
     assert "request_id" not in json.loads(stored["request"])  # the key holds it
@@ -184,6 +185,38 @@ async def test_one_batch_reusing_an_id_for_two_different_requests_writes_nothing
 
     assert not await queue.client.exists(queue.keys.task("twice"))
     assert await stat(queue, "enqueued") == 0
+
+
+async def test_enqueue_with_a_damaged_gate_set_fails_before_writing_anything(
+    settings: Settings, queue: RedisQueue, store: TaskStore
+) -> None:
+    await store.set_limits(derive(settings, rate_limits={"script:echo": 1.0}))
+    await queue.client.set(queue.keys.gate_prefix + "script:echo", "not a sorted set")
+    batch = [request(), request()]
+
+    with pytest.raises(ScriptError):
+        await queue.enqueue_many(batch)
+
+    assert not await queue.client.exists(*(queue.keys.task(r.request_id) for r in batch))
+    assert await queue.client.get(queue.keys.seq) is None
+    assert await stat(queue, "enqueued") == 0
+
+
+@pytest.mark.parametrize("damaged", ["sequence", "enqueued count"])
+async def test_enqueue_with_a_damaged_counter_writes_no_task(
+    queue: RedisQueue, damaged: str
+) -> None:
+    if damaged == "sequence":
+        await queue.client.set(queue.keys.seq, "not a number")
+    else:
+        await queue.client.hset(queue.keys.stats, "enqueued", "not a number")
+    refused = request()
+
+    with pytest.raises(ScriptError):
+        await queue.enqueue_task(refused)
+
+    assert not await queue.client.exists(queue.keys.task(refused.request_id))
+    assert await queue.client.zcard(queue.keys.pending) == 0
 
 
 async def test_enqueue_with_expires_in_records_the_deadline_on_the_redis_clock(

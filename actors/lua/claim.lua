@@ -48,11 +48,16 @@ for _, id in ipairs(due) do
   redis.call('HSET', PREFIX .. id, 'status', 'pending')
 end
 
+-- The fields a claim reads of each candidate task, in one HMGET.
+local RECORD_FIELDS = {'request', 'expires_at', 'rate_keys', 'attempt'}
+
 local out = {-1}
 local claimed = 0
 
 -- Lease one task (its rate keys already admitted it); false if it expired.
-local function start(id, request, expires_at)
+-- f is its HMGET of RECORD_FIELDS.
+local function start(id, f)
+  local request, expires_at = f[1], f[2]
   if expired(expires_at) then
     finish(id, 'cancelled', nil, 'expired', nil, now, ttl_ms)
     redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
@@ -61,8 +66,9 @@ local function start(id, request, expires_at)
   end
   local key = PREFIX .. id
   -- Not HINCRBY: a damaged attempt field must not abort the claim half-way
-  -- (Redis does not roll back the writes before an error).
-  local previous = tonumber(redis.call('HGET', key, 'attempt'))
+  -- (Redis does not roll back the writes before an error). A task never
+  -- started has no attempt field (enqueue leaves it out: memory per task).
+  local previous = f[4] == false and 0 or tonumber(f[4])
   if not previous then
     local err = 'invalid task record: attempt is not a number'
     redis.call('ZADD', KEYS[11], now, id)
@@ -92,7 +98,7 @@ if count > 0 and redis.call('EXISTS', GATES) == 1 then
         redis.call('ZREM', GATES, gate)
         break
       end
-      local f = redis.call('HMGET', PREFIX .. head, 'request', 'expires_at', 'rate_keys')
+      local f = redis.call('HMGET', PREFIX .. head, unpack(RECORD_FIELDS))
       local wait = 0
       if f[1] and not expired(f[2]) then
         wait = try_start(LIMITS, STATE, PAUSED, BREAKER, BREAKER_SETTINGS, split_keys(f[3]), now)
@@ -105,7 +111,7 @@ if count > 0 and redis.call('EXISTS', GATES) == 1 then
       redis.call('HINCRBY', KEYS[4], 'gated', -1)
       if f[1] then
         redis.call('HDEL', PREFIX .. head, 'gate')
-        start(head, f[1], f[2])
+        start(head, f)
       end
       if claimed >= count then
         redis.call('ZADD', GATES, 'XX', now, gate)  -- still due: back of the line
@@ -128,7 +134,7 @@ while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Re
   end
   for i = 1, #popped, 2 do
     local id = popped[i]
-    local f = redis.call('HMGET', PREFIX .. id, 'request', 'expires_at', 'rate_keys')
+    local f = redis.call('HMGET', PREFIX .. id, unpack(RECORD_FIELDS))
     if f[1] then  -- else the record is gone (purged): nothing to run
       local wait, blocker = 0, nil
       if gating and f[3] and not expired(f[2]) then
@@ -139,7 +145,7 @@ while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Re
         enter_gate(GATES, KEYS[4], gate_prefix, blocker, id, popped[i + 1], wait)
         diverted = diverted + 1
       else
-        start(id, f[1], f[2])
+        start(id, f)
       end
     end
   end

@@ -48,6 +48,10 @@ if #fresh == 0 then
   return {1, 0}
 end
 
+-- Every read (and every check that could raise an error) comes before the
+-- first write: Redis does not roll a script back, so a script that failed
+-- half-way would leave task records without a queue entry.
+
 -- Backpressure: the hard cap first, then the governor's published state.
 local depth = redis.call('ZCARD', KEYS[1]) + tonumber(redis.call('HGET', KEYS[3], 'gated') or '0')
 local bp = redis.call('HMGET', KEYS[4], 'state', 'rate', 'updated_at', 'drain', 'tokens', 'tokens_at')
@@ -55,6 +59,7 @@ local drain = math.max(tonumber(bp[4] or '0'), 1)
 if depth + #fresh > high then
   return {2, math.min(60000, math.max(1000, (depth + #fresh - high) / drain * 1000)), 'closed'}
 end
+local tokens_left = nil  -- set when the throttle's token bucket pays for this batch
 if bp[1] and now - tonumber(bp[3]) <= stale_ms then
   if bp[1] == 'closed' then
     return {2, 1000, 'closed'}
@@ -66,35 +71,53 @@ if bp[1] and now - tonumber(bp[3]) <= stale_ms then
     if tokens < #fresh then
       return {2, math.ceil((#fresh - tokens) / rate * 1000), 'throttled'}
     end
-    redis.call('HSET', KEYS[4], 'tokens', tokens - #fresh, 'tokens_at', now)
+    tokens_left = tokens - #fresh
   end
 end
 
-local gating = redis.call('EXISTS', KEYS[5], KEYS[6]) > 0
+-- Which tasks wait in a rate key's gate (read only; the gate sets' types are
+-- checked here, by ZCARD, so that their ZADDs below cannot fail).
+local gates = {}  -- base -> rate key
+if redis.call('EXISTS', KEYS[5], KEYS[6]) > 0 then
+  for _, base in ipairs(fresh) do
+    if ARGV[base + 6] ~= '' then
+      local gate = gate_for(KEYS[5], KEYS[6], split_keys(ARGV[base + 6]))
+      if gate then
+        redis.call('ZCARD', gate_prefix .. gate)
+        redis.call('ZCARD', KEYS[7])
+        gates[base] = gate
+      end
+    end
+  end
+end
+
+-- Writes. The counters first: they are the only writes a damaged value could
+-- fail (the task keys, the queue and the stats hash were type-checked above).
 -- One sequence number per task, drawn in one call for the whole batch.
 local seq = redis.call('INCRBY', KEYS[2], #fresh) - #fresh
+redis.call('HINCRBY', KEYS[3], 'enqueued', #fresh)
+if tokens_left then
+  redis.call('HSET', KEYS[4], 'tokens', tokens_left, 'tokens_at', now)
+end
 local ready = {}  -- ZADD arguments for the tasks claimable now
 for _, base in ipairs(fresh) do
   local id = ARGV[base + 1]
   seq = seq + 1
   local score = -tonumber(ARGV[base + 3]) * 1e12 + seq
-  local key = PREFIX .. id
+  -- No `attempt` field: absent means 0 until the first claim (a smaller record).
   local fields = {'status', 'pending', 'request', ARGV[base + 2], 'score', score,
-    'attempt', 0, 'max_retries', ARGV[base + 4], 'enqueued_at', now}
+    'max_retries', ARGV[base + 4], 'enqueued_at', now}
   local expires_in = tonumber(ARGV[base + 5])
   if expires_in > 0 then
     fields[#fields + 1] = 'expires_at'
     fields[#fields + 1] = now + expires_in
   end
-  local gate = nil
   if ARGV[base + 6] ~= '' then
     fields[#fields + 1] = 'rate_keys'
     fields[#fields + 1] = ARGV[base + 6]
-    if gating then
-      gate = gate_for(KEYS[5], KEYS[6], split_keys(ARGV[base + 6]))
-    end
   end
-  redis.call('HSET', key, unpack(fields))
+  redis.call('HSET', PREFIX .. id, unpack(fields))
+  local gate = gates[base]
   if gate then
     enter_gate(KEYS[7], KEYS[3], gate_prefix, gate, id, score, now)
   else
@@ -108,7 +131,5 @@ end
 if #ready > 0 then
   redis.call('ZADD', KEYS[1], unpack(ready))
 end
-
-redis.call('HINCRBY', KEYS[3], 'enqueued', #fresh)
 redis.call('PUBLISH', WAKE, #fresh)
 return {1, #fresh}
