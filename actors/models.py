@@ -29,6 +29,9 @@ from actors.exceptions import InvalidTaskException
 #: Request ids end up in key names: a safe charset and length only.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SCRIPT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+#: Also the protocol's: a task record leaves max_retries out at this value
+#: (``DEFAULT_MAX_RETRIES`` in actors/lua/_lib.lua).
+DEFAULT_MAX_RETRIES = 3
 MAX_PRIORITY = 1000  # |priority| bound: keeps the queue score exact in a double
 FROM_JSON = "from_json"  # validation context flag: the input is parsed JSON
 STORED_ID = "stored_id"  # validation context: the id of a stored request (not in its JSON)
@@ -91,7 +94,7 @@ class ScrapingRequest(BaseModel):
     script_version: str | None = Field(default=None, max_length=64)
     timeout: float = Field(default=300, gt=0, le=7 * 86400)
     priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
-    max_retries: int = Field(default=3, ge=0, le=100)
+    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
     expires_in: float | None = Field(default=None, gt=0)
     rate_key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
     created_at: datetime = Field(default_factory=_utcnow)

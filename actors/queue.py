@@ -25,7 +25,13 @@ from actors.exceptions import (
     TaskTimeoutException,
 )
 from actors.keys import KeySpace
-from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus, ensure_json
+from actors.models import (
+    DEFAULT_MAX_RETRIES,
+    ScrapingRequest,
+    ScrapingResponse,
+    TaskStatus,
+    ensure_json,
+)
 from actors.multiplexed import MultiplexedConnection
 from actors.ratelimits import rate_keys
 from actors.store import Completion, EnqueueItem, FailOutcome, Lease, TaskStore
@@ -401,9 +407,11 @@ async def redis_time_ms(client: Redis) -> int:
 def decode_record(record: dict[bytes, bytes]) -> dict[str, Any]:
     """A task hash as a dict of str, with JSON fields parsed.
 
-    ``attempt`` is 0 for a task never started (the record leaves it out).
+    The record leaves out ``attempt`` until the first claim (0) and
+    ``max_retries`` at its default; both are filled in here.
     """
-    out: dict[str, Any] = {"attempt": "0"} | {k.decode(): v.decode() for k, v in record.items()}
+    out: dict[str, Any] = {"attempt": "0", "max_retries": str(DEFAULT_MAX_RETRIES)}
+    out |= {k.decode(): v.decode() for k, v in record.items()}
     for field in ("request", "response", "history"):
         if field in out:
             with contextlib.suppress(ValueError):  # a corrupt field is shown as stored

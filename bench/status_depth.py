@@ -5,7 +5,8 @@ the defaults). It starts a private redis-server without persistence in a
 temporary directory and fills it, size by size, with small pending tasks
 through ``enqueue_many``. For each depth it prints the median latency of
 ``get_task_status`` and of one claim + complete, each also as a ratio to the
-smallest depth, and the Redis memory (``used_memory`` delta) per pending task.
+smallest depth, and the Redis memory (``used_memory`` delta) per pending task,
+split into the stored request JSON (the task's payload) and the rest.
 The contract promises O(1) status lookups, so their ratio should stay near 1;
 claim pops from a sorted set, so its cost may grow as log(depth).
 
@@ -43,6 +44,7 @@ class Row:
     status_us: float
     claim_complete_us: float
     bytes_per_task: float
+    request_bytes: float  # the stored request JSON (the payload) per task
 
 
 def small_task(number: int) -> ScrapingRequest:
@@ -67,10 +69,11 @@ async def measure(queue: RedisQueue, size: int, samples: int) -> Row:
     """Fill an empty queue with ``size`` pending tasks and time the two operations."""
     await queue.client.flushall()
     baseline = await used_memory(queue)
+    request_bytes = 0
     for start in range(0, size, FILL_BATCH):
-        await queue.enqueue_many(
-            [small_task(n) for n in range(start, min(size, start + FILL_BATCH))]
-        )
+        batch = [small_task(n) for n in range(start, min(size, start + FILL_BATCH))]
+        request_bytes += sum(len(task.stored_json()) for task in batch)
+        await queue.enqueue_many(batch)
     per_task = (await used_memory(queue) - baseline) / size
 
     manager = TaskManager(queue)
@@ -90,23 +93,27 @@ async def measure(queue: RedisQueue, size: int, samples: int) -> Row:
         claim_timings.append(time.perf_counter() - started)
         await queue.enqueue_task(small_task(next(refill)))  # keep the depth, untimed
     claim_us = statistics.median(claim_timings) * 1e6
-    return Row(size, status_us, claim_us, per_task)
+    return Row(size, status_us, claim_us, per_task, request_bytes / size)
 
 
 def print_table(rows: list[Row]) -> None:
     base = rows[0]
     print(
         f"{'pending':>10} | {'status µs':>9} | {'× base':>6} | "
-        f"{'claim+complete µs':>17} | {'× base':>6} | {'bytes/task':>10}"
+        f"{'claim+complete µs':>17} | {'× base':>6} | {'bytes/task':>10} | "
+        f"{'request B':>9} | {'overhead B':>10}"
     )
-    print("-" * 76)
+    print("-" * 102)
     for row in rows:
         print(
             f"{row.size:>10,} | {row.status_us:>9.1f} | {row.status_us / base.status_us:>6.2f} | "
             f"{row.claim_complete_us:>17.1f} | "
-            f"{row.claim_complete_us / base.claim_complete_us:>6.2f} | {row.bytes_per_task:>10.0f}"
+            f"{row.claim_complete_us / base.claim_complete_us:>6.2f} | "
+            f"{row.bytes_per_task:>10.0f} | "
+            f"{row.request_bytes:>9.0f} | {row.bytes_per_task - row.request_bytes:>10.0f}"
         )
-    print(f"(× base: ratio to the {base.size:,}-task queue; medians of timed calls)")
+    print(f"(× base: ratio to the {base.size:,}-task queue; medians of timed calls;")
+    print(" request B: the stored request JSON, the payload; overhead B: the rest of a task)")
 
 
 async def run(url: str, sizes: list[int], samples: int) -> list[Row]:

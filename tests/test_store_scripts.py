@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from actors.exceptions import BackpressureException, DuplicateTaskException, ScriptError
-from actors.models import ScrapingRequest
+from actors.models import DEFAULT_MAX_RETRIES, ScrapingRequest
 from actors.queue import RedisQueue, TaskManager
 from actors.store import SCRIPT_NAMES, Completion, FailOutcome, Lease, TaskStore
 from config.settings import Settings
@@ -117,6 +117,15 @@ def test_script_header_names_its_keys_argv_and_returns(name: str) -> None:
 # -- enqueue ----------------------------------------------------------------------------
 
 
+def test_the_protocol_default_max_retries_is_the_request_models() -> None:
+    lib = (LUA / "_lib.lua").read_text()
+    declared = re.search(r"^local DEFAULT_MAX_RETRIES = (\d+)$", lib, re.MULTILINE)
+
+    assert declared is not None
+    assert int(declared.group(1)) == DEFAULT_MAX_RETRIES
+    assert ScrapingRequest(script_name="echo").max_retries == DEFAULT_MAX_RETRIES
+
+
 async def test_enqueue_stores_a_pending_task_with_its_request(queue: RedisQueue) -> None:
     sent = request(parameters={"url": "https://example.com"}, priority=2, max_retries=1)
 
@@ -125,12 +134,22 @@ async def test_enqueue_stores_a_pending_task_with_its_request(queue: RedisQueue)
     stored = await record(queue, sent.request_id)
     assert stored["status"] == "pending"
     assert "attempt" not in stored  # absent (0) until the first claim: a smaller record
-    assert (await TaskManager(queue).get_task(sent.request_id) or {})["attempt"] == 0
     assert stored["max_retries"] == "1"
     assert ScrapingRequest.from_stored(stored["request"], sent.request_id) == sent
     assert "request_id" not in json.loads(stored["request"])  # the key holds it
     assert await sets_holding(queue, sent.request_id) == {"pending"}
     assert await stat(queue, "enqueued") == 1
+
+
+async def test_a_pending_task_record_leaves_out_attempt_and_a_default_max_retries(
+    queue: RedisQueue,
+) -> None:
+    request_id = await add(queue)
+
+    stored = await record(queue, request_id)
+    assert "attempt" not in stored and "max_retries" not in stored
+    shown = await TaskManager(queue).get_task(request_id) or {}
+    assert (shown["attempt"], shown["max_retries"]) == (0, DEFAULT_MAX_RETRIES)
 
 
 async def test_claims_follow_priority_then_fifo(queue: RedisQueue, store: TaskStore) -> None:
@@ -428,12 +447,14 @@ async def test_retry_delay_doubles_with_jitter_and_is_capped(settings: Settings)
     assert len(set(delays[1])) > 1, "the delay has no jitter"
 
 
+@pytest.mark.parametrize("max_retries", [2, DEFAULT_MAX_RETRIES])  # the default is not stored
 async def test_task_is_dead_lettered_after_max_retries_plus_one_attempts(
-    queue: RedisQueue, store: TaskStore
+    queue: RedisQueue, store: TaskStore, max_retries: int
 ) -> None:
-    request_id = await add(queue, max_retries=2)
+    request_id = await add(queue, max_retries=max_retries)
+    attempts = range(1, max_retries + 2)
     outcomes = []
-    for attempt in (1, 2, 3):
+    for attempt in attempts:
         lease = await claim_one(store)
         assert lease.attempt == attempt
         outcome, _ = await store.fail(
@@ -442,19 +463,17 @@ async def test_task_is_dead_lettered_after_max_retries_plus_one_attempts(
         outcomes.append(outcome)
         await make_due(queue, request_id)
 
-    assert outcomes == [FailOutcome.RETRYING, FailOutcome.RETRYING, FailOutcome.DEAD_LETTERED]
+    assert outcomes == [FailOutcome.RETRYING] * max_retries + [FailOutcome.DEAD_LETTERED]
     stored = await record(queue, request_id)
     assert stored["status"] == "failed"
     assert await sets_holding(queue, request_id) == {"dead"}
     history = json.loads(stored["history"])
     assert [(h["attempt"], h["error"], h["worker"]) for h in history] == [
-        (1, "error 1", "w1"),
-        (2, "error 2", "w1"),
-        (3, "error 3", "w1"),
+        (attempt, f"error {attempt}", "w1") for attempt in attempts
     ]
-    assert json.loads(stored["response"])["error"] == "error 3"
+    assert json.loads(stored["response"])["error"] == f"error {max_retries + 1}"
     assert await queue.client.pttl(queue.keys.task(request_id)) > 0
-    assert (await stat(queue, "retried"), await stat(queue, "failed")) == (2, 1)
+    assert (await stat(queue, "retried"), await stat(queue, "failed")) == (max_retries, 1)
 
 
 async def test_permanent_failure_goes_straight_to_the_dead_letters(
@@ -585,17 +604,18 @@ async def test_lease_within_its_deadline_is_left_alone(queue: RedisQueue, store:
     assert await sets_holding(queue, request_id) == {"running"}
 
 
+@pytest.mark.parametrize("max_retries", [2, DEFAULT_MAX_RETRIES])
 async def test_task_whose_lease_keeps_expiring_ends_in_the_dead_letters(
-    queue: RedisQueue, store: TaskStore
+    queue: RedisQueue, store: TaskStore, max_retries: int
 ) -> None:
-    request_id = await add(queue, max_retries=2)
+    request_id = await add(queue, max_retries=max_retries)
     results = []
-    for _ in range(3):
+    for _ in range(max_retries + 1):
         await claim_one(store)
         await expire_lease(queue, request_id)
         results.append(await store.requeue_expired())
 
-    assert results == [(1, 0), (1, 0), (0, 1)]
+    assert results == [(1, 0)] * max_retries + [(0, 1)]
     stored = await record(queue, request_id)
     assert stored["status"] == "failed"
     assert await sets_holding(queue, request_id) == {"dead"}

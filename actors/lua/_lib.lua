@@ -12,6 +12,20 @@
 
 local PREFIX, EVENTS, DONE, WAKE = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
+-- ScrapingRequest's default max_retries (a test keeps the two equal). A task
+-- record leaves the field out at this value: a pending task stays in a
+-- smaller jemalloc size class (see docs/benchmarks.md, memory per task).
+local DEFAULT_MAX_RETRIES = 3
+
+-- A task's max_retries from its record's raw field (false: the default). A
+-- damaged value counts as 0: the task is not retried rather than stuck.
+local function max_retries_of(raw)
+  if raw == false then
+    return DEFAULT_MAX_RETRIES
+  end
+  return tonumber(raw) or 0
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

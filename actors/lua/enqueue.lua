@@ -104,9 +104,14 @@ for _, base in ipairs(fresh) do
   local id = ARGV[base + 1]
   seq = seq + 1
   local score = -tonumber(ARGV[base + 3]) * 1e12 + seq
-  -- No `attempt` field: absent means 0 until the first claim (a smaller record).
+  -- No `attempt` field (absent: 0 until the first claim), and no `max_retries`
+  -- at its default: a smaller record.
   local fields = {'status', 'pending', 'request', ARGV[base + 2], 'score', score,
-    'max_retries', ARGV[base + 4], 'enqueued_at', now}
+    'enqueued_at', now}
+  if tonumber(ARGV[base + 4]) ~= DEFAULT_MAX_RETRIES then
+    fields[#fields + 1] = 'max_retries'
+    fields[#fields + 1] = ARGV[base + 4]
+  end
   local expires_in = tonumber(ARGV[base + 5])
   if expires_in > 0 then
     fields[#fields + 1] = 'expires_at'

@@ -38,7 +38,7 @@ if not holds_lease(id, worker, attempt) then
 end
 local now = now_ms()
 local key = PREFIX .. id
-local max_retries = tonumber(redis.call('HGET', key, 'max_retries')) or 0
+local max_retries = max_retries_of(redis.call('HGET', key, 'max_retries'))
 add_history(id, attempt, err, worker, now)
 redis.call('ZREM', KEYS[1], id)
 

@@ -35,7 +35,7 @@ for _, id in ipairs(ids) do
   if f[1] == 'running' then
     local err = 'worker lost: lease of attempt ' .. tostring(f[2]) .. ' was not renewed'
     add_history(id, f[2], err, f[4] or '', now)
-    if (tonumber(f[2]) or 0) > (tonumber(f[3]) or 0) then
+    if (tonumber(f[2]) or 0) > max_retries_of(f[3]) then
       redis.call('ZADD', KEYS[3], now, id)
       finish(id, 'failed', nil, err, nil, now, ttl_ms)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
