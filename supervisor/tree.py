@@ -21,7 +21,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -31,16 +30,17 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from actors.backoff import BACKOFF_CAP
 from actors.connection import translated_errors
 from actors.exceptions import QueueConnectionException, QueueError
 from actors.exit_codes import ChildExit, CliExit
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.runtime import ActorSpec
 from config.settings import ConfigError, Settings
+from supervisor.health import RedisReachability
 from supervisor.notify import ProgressWatchdog, SystemdNotifier
 from supervisor.process_backend import ChildProcess, ProcessBackend
 from supervisor.redis_checks import EpochGuard
+from supervisor.reload import keep_restart_only, replaces
 from supervisor.restart_policy import Action, Fatal, GiveUp, RestartPolicy, Spawn
 from supervisor.signals import Command
 
@@ -98,47 +98,6 @@ class _Exited:
 
 _Event = Command | _Exited
 
-# Keys read only at start: they name the Redis the whole tree talks to, the
-# state directory, the metrics listener and the restart policy's parameters.
-_RESTART_ONLY: dict[str, tuple[str, ...]] = {
-    "redis": ("url", "embedded", "key_prefix"),
-    "supervisor": (
-        "state_dir",
-        "metrics_port",
-        "max_restarts",
-        "restart_window",
-        "restart_backoff_max",
-    ),
-}
-
-
-def keep_restart_only(old: Settings, loaded: Settings) -> tuple[Settings, list[str]]:
-    """``loaded`` with the restart-only keys of ``old``; also the keys whose change waits."""
-    waiting: list[str] = []
-    sections: dict[str, Any] = {}
-    for section, keys in _RESTART_ONLY.items():
-        kept = {key: getattr(getattr(old, section), key) for key in keys}
-        new_part = getattr(loaded, section)
-        waiting += [f"{section}.{key}" for key in keys if getattr(new_part, key) != kept[key]]
-        sections[section] = new_part.model_copy(update=kept)
-    return loaded.model_copy(update=sections), waiting
-
-
-def _child_view(settings: Settings, kind: str) -> dict[str, Any]:
-    """What a running child of ``kind`` uses of the settings; a change means replacing it.
-
-    Rate limits and the circuit breaker reach every host through Redis
-    (``set_limits``), and only the governor reads the watermarks.
-    """
-    exclude: dict[str, Any] = {
-        "worker": {"processes"},
-        "rate_limits": True,
-        "circuit_breaker": True,
-    }
-    if kind != "governor":
-        exclude["backpressure"] = True
-    return settings.model_dump(mode="json", exclude=exclude)
-
 
 class ProcessTree:
     """Runs and supervises the actor processes until drained, stopped or given up."""
@@ -182,8 +141,7 @@ class ProcessTree:
         watchdog_period = notifier.watchdog_interval()
         self._watchdog = ProgressWatchdog(watchdog_period) if watchdog_period else None
         self._health_ticks = 0
-        self._redis_failing = False  # the last health tick failed
-        self._redis_back_at = -math.inf  # loop time Redis came back after an outage
+        self._reachability = RedisReachability()
         self._finished = asyncio.Event()
 
     # -- public ---------------------------------------------------------------
@@ -462,9 +420,7 @@ class ProcessTree:
         for key in waiting:
             logger.warning("%s 변경은 다음 재시작 때 적용됩니다", key)
         changed = [
-            name
-            for name in self._current
-            if _child_view(settings, kind_of(name)) != _child_view(self._settings, kind_of(name))
+            name for name in self._current if replaces(self._settings, settings, kind_of(name))
         ]
         self._settings = settings
         self._settings_json = settings.to_json()
@@ -503,13 +459,12 @@ class ProcessTree:
             try:
                 await self._health_tick()
             except QueueError as exc:
-                if not self._redis_failing:
+                if self._reachability.failed():
                     logger.warning("Redis 상태 확인 실패 (워치독 신호 보류): %s", exc)
-                self._redis_failing = True
             except Exception:
                 # The tree must outlive any fault of a health check.
                 logger.exception("상태 확인 중 예기치 않은 오류 (워치독 신호 보류)")
-                self._redis_failing = True
+                self._reachability.failed()
             period = self._settings.heartbeat.interval
             if self._watchdog is not None:
                 period = min(period, self._notifier.watchdog_interval() or period)
@@ -527,18 +482,8 @@ class ProcessTree:
         await self._epoch.check()
         workers = [c for c in self._current.values() if c.spec.kind == WORKER]
         heartbeat = self._settings.heartbeat
-        if self._redis_failing or loop.time() - started > heartbeat.interval:
-            # First tick after an outage, or reads held up by one (a blackhole
-            # answers late, not never): Redis is reachable from now on.
-            if self._redis_failing:
-                logger.info("Redis 상태 확인 회복")
-            self._redis_failing = False
-            self._redis_back_at = loop.time()
-        # After an outage (network cut, paused Redis) every heartbeat looks
-        # overdue because none could get through, and each worker's heartbeat
-        # loop may still be in its backoff sleep: judge workers only once Redis
-        # has been reachable for heartbeat.timeout plus the backoff cap.
-        if loop.time() - self._redis_back_at >= heartbeat.timeout + BACKOFF_CAP:
+        self._reachability.answered(loop.time() - started, loop.time(), heartbeat.interval)
+        if self._reachability.may_judge(loop.time(), heartbeat.timeout):
             self._kill_stale(workers, records, redis_now)
         self._health_ticks += 1
         now = loop.time()
