@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,6 +29,59 @@ _LEAKY_ENV = (
     "WORKER_HEARTBEAT_INTERVAL",
     "CLEANUP_INTERVAL",
 )
+
+
+#: How long before its timeout a still-running async test prints its tasks' stacks.
+STUCK_NOTICE = 10.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and asyncio.iscoroutinefunction(item.obj):
+            item.fixturenames.append("_stuck_tasks_report")
+
+
+@pytest.fixture
+async def _stuck_tasks_report(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Print where every asyncio task waits if the test is about to time out.
+
+    pytest-timeout's dump shows threads, and in an event loop that is only
+    the frame running at that moment; the awaited-on chain of each task is
+    what tells why a test hangs.
+    """
+    marker = request.node.get_closest_marker("timeout")
+    timeout = (
+        float(marker.args[0])
+        if marker and marker.args
+        else float(request.config.getini("timeout") or 0)
+    )
+    handle = None
+    if timeout > 2 * STUCK_NOTICE:
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(timeout - STUCK_NOTICE, _print_tasks, request.node.nodeid)
+    yield
+    if handle is not None:
+        handle.cancel()
+
+
+def _print_tasks(test: str) -> None:
+    tasks = asyncio.all_tasks()
+    print(f"\n{test}: still running; {len(tasks)} asyncio tasks:", file=sys.stderr)
+    for task in tasks:
+        print(f"  {task.get_name()}:", file=sys.stderr)
+        for where in _await_chain(task.get_coro()):
+            print(f"    {where}", file=sys.stderr)
+
+
+def _await_chain(awaitable: object) -> Iterator[str]:
+    """Each frame of a suspended coroutine down to what it waits on (a future)."""
+    while awaitable is not None:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            yield f"awaits {awaitable!r}"[:300]
+            return
+        yield f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
 
 
 @pytest.fixture(autouse=True)

@@ -235,22 +235,24 @@ async def test_fast_producers_never_push_the_depth_past_the_high_watermark(
 
     async with RedisQueue(slow) as queue, actors(slow):
         sampler = asyncio.create_task(sample())
-        until = time.monotonic() + seconds
-        await asyncio.gather(*(produce(until) for _ in range(4)))
+        try:
+            until = time.monotonic() + seconds
+            await asyncio.gather(*(produce(until) for _ in range(4)))
 
-        manager = TaskManager(queue)
+            manager = TaskManager(queue)
 
-        async def drained() -> bool:
-            return (await manager.queue_stats())["completed"] >= len(accepted)
+            async def drained() -> bool:
+                return (await manager.queue_stats())["completed"] >= len(accepted)
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15
-        while not await drained():
-            assert loop.time() < deadline, "accepted tasks did not all complete"
-            await asyncio.sleep(0.05)
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while not await drained():
+                assert loop.time() < deadline, "accepted tasks did not all complete"
+                await asyncio.sleep(0.05)
+        finally:  # also on a failure: the sampler must not outlive the queue
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         statuses = [await manager.get_task_status(rid) for rid in accepted]
 
     overshoot = max(depths) - high

@@ -147,7 +147,8 @@ async def test_a_pending_task_record_leaves_out_attempt_and_a_default_max_retrie
     request_id = await add(queue)
 
     stored = await record(queue, request_id)
-    assert "attempt" not in stored and "max_retries" not in stored
+    assert "attempt" not in stored
+    assert "max_retries" not in stored
     shown = await TaskManager(queue).get_task(request_id) or {}
     assert (shown["attempt"], shown["max_retries"]) == (0, DEFAULT_MAX_RETRIES)
 
