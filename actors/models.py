@@ -7,7 +7,6 @@ naming the field, already at construction; nothing reaches Redis.
 from __future__ import annotations
 
 import json
-import math
 import os
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -92,10 +91,10 @@ class ScrapingRequest(BaseModel):
     script_name: str = Field(pattern=SCRIPT_NAME_PATTERN)
     parameters: dict[str, Any] = Field(default_factory=dict)
     script_version: str | None = Field(default=None, max_length=64)
-    timeout: float = Field(default=300, gt=0, le=7 * 86400)
+    timeout: float = Field(default=300, gt=0, le=7 * 86400, allow_inf_nan=False)
     priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
-    expires_in: float | None = Field(default=None, gt=0)
+    expires_in: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     rate_key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
     created_at: datetime = Field(default_factory=_utcnow)
 
@@ -132,13 +131,6 @@ class ScrapingRequest(BaseModel):
     def stored_json(self) -> str:
         """The form kept in Redis: no id (the key has it), no field left at its default."""
         return self.model_dump_json(exclude_defaults=True, exclude={"request_id"})
-
-    @field_validator("timeout", "expires_in")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
 
 class ScrapingResponse(BaseModel):

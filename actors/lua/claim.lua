@@ -128,7 +128,8 @@ end
 local gating = redis.call('EXISTS', LIMITS, PAUSED) > 0
 local diverted = 0
 while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Redis long
-  local popped = redis.call('ZPOPMIN', KEYS[1], count - claimed)
+  local wanted = count - claimed
+  local popped = redis.call('ZPOPMIN', KEYS[1], wanted)
   if #popped == 0 then
     break
   end
@@ -148,6 +149,9 @@ while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Re
         start(id, f)
       end
     end
+  end
+  if #popped < 2 * wanted then
+    break  -- the queue is empty now: no need to ask again
   end
 end
 

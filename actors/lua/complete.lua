@@ -18,7 +18,7 @@
 local worker, ttl_ms, n = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
 local breaker_open = redis.call('EXISTS', KEYS[3]) == 1
-local threshold = tonumber(redis.call('HGET', KEYS[5], 'failures') or '0')
+local threshold = breaker_open and tonumber(redis.call('HGET', KEYS[5], 'failures') or '0') or 0
 local resumed = false
 local codes = {}
 local done = 0
