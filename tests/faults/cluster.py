@@ -10,7 +10,6 @@ as several hosts sharing one Redis), with their restarts, drains and checks.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import signal
@@ -28,6 +27,7 @@ import psutil
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from supervisor_harness import write_config
 
 from actors.keys import KeySpace
 from actors.runtime import ActorSpec, actor_main
@@ -62,18 +62,6 @@ def cluster_settings(
         data["worker"]["concurrency"] = concurrency
     data["redis"]["embedded"] = "never"  # the test owns Redis; never a grandchild redis-server
     return Settings.model_validate(data)
-
-
-def write_toml(path: Path, settings: Settings) -> Path:
-    """Write ``settings`` as a TOML config file (every section, every key)."""
-    lines: list[str] = []
-    for section, values in settings.model_dump(mode="json").items():
-        lines.append(f"[{section}]")
-        # A JSON string, number, bool or list of strings is also a TOML value; a
-        # JSON-quoted key is a TOML quoted key ("domain:example.com").
-        lines += [f"{json.dumps(key)} = {json.dumps(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 class Cluster:
@@ -241,7 +229,7 @@ class Cluster:
     def _launch_supervisor(self, index: int) -> None:
         data = self.settings.model_dump()
         data["supervisor"]["state_dir"] = self.workdir / f"state-{index}"
-        config = write_toml(
+        config = write_config(
             self.workdir / f"supervisor-{index}.toml", Settings.model_validate(data)
         )
         log = self.workdir / f"supervisor-{index}.log"

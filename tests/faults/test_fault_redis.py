@@ -22,12 +22,13 @@ import pytest
 import redis
 import redis.asyncio
 from helpers import wait_for
+from supervisor_harness import write_config
 
 from actors.keys import KeySpace
 from actors.models import TaskStatus
 from actors.queue import RedisQueue, WorkerMonitor
 from config.settings import Settings
-from faults.cluster import SUPERVISOR_START, Cluster, write_toml
+from faults.cluster import SUPERVISOR_START, Cluster
 from faults.workload import (
     RECLAIM_WITHIN,
     FaultRun,
@@ -318,7 +319,7 @@ def test_supervisor_refuses_to_start_on_a_redis_that_may_evict_keys(
     server = RedisServer(tmp_path / "lru-redis", extra={"maxmemory-policy": "allkeys-lru"})
     server.start()
     try:
-        config = write_toml(tmp_path / "scrapeq.toml", on(server, settings))
+        config = write_config(tmp_path / "scrapeq.toml", on(server, settings))
         started = time.monotonic()
         done = subprocess.run(
             [*SUPERVISOR_START, "--config", str(config)],

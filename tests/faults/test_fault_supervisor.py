@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import wait_for
+from supervisor_harness import write_config
 
 from actors.models import TaskStatus
 from actors.queue import WorkerMonitor
@@ -24,7 +25,6 @@ from faults.cluster import (
     TESTS_DIR,
     Cluster,
     cluster_settings,
-    write_toml,
 )
 from faults.workload import FaultRun, repeats, rng_for
 
@@ -146,7 +146,7 @@ async def test_two_reapers_repeated(settings: Settings, tmp_path: Path, repeat: 
 @contextlib.contextmanager
 def supervisor_process(settings: Settings, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``supervisor start`` as a child whose exit status the test reads; killed if left over."""
-    config = write_toml(
+    config = write_config(
         workdir / "scrapeq.toml",
         cluster_settings(settings, workers=2, concurrency=4, redis_url=None),
     )

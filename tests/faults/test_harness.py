@@ -18,12 +18,13 @@ import redis.asyncio
 from helpers import wait_for
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from supervisor_harness import write_config
 
 from actors.keys import KeySpace
 from actors.models import TaskStatus
 from actors.queue import RedisQueue
 from config.settings import Settings
-from faults.cluster import REPO_ROOT, TESTS_DIR, Cluster, write_toml
+from faults.cluster import REPO_ROOT, TESTS_DIR, Cluster
 from faults.ledger import (
     Ledger,
     await_outcome,
@@ -237,11 +238,11 @@ async def test_observers_reconnect_after_redis_is_killed_and_restarted(
 # -- cluster ---------------------------------------------------------------------------
 
 
-def test_write_toml_round_trips_settings(settings: Settings, tmp_path: Path) -> None:
+def test_write_config_round_trips_settings(settings: Settings, tmp_path: Path) -> None:
     data = settings.model_dump()
     data["rate_limits"] = {"domain:example.com": 2.0}
     original = Settings.model_validate(data)
-    assert Settings.from_file(write_toml(tmp_path / "c.toml", original)) == original
+    assert Settings.from_file(write_config(tmp_path / "c.toml", original)) == original
 
 
 async def test_actor_cluster_behind_a_proxy_runs_ledger_tasks_and_reruns_a_crashed_one(
