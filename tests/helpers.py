@@ -1,4 +1,5 @@
-"""Test helpers: wait for an outcome instead of sleeping a guessed time; record events."""
+"""Test helpers: wait for an outcome instead of sleeping a guessed time; record events;
+run a loop in the background."""
 
 from __future__ import annotations
 
@@ -33,6 +34,35 @@ async def wait_for(
 
 
 @contextlib.asynccontextmanager
+async def looping(step: Callable[[], Awaitable[object]], interval: float) -> AsyncIterator[None]:
+    """Run ``step`` again and again, ``interval`` s apart, while the block runs.
+
+    The loop ends on a flag as well as by cancellation: on Python 3.11
+    redis-py's internal ``asyncio.wait_for`` loses a cancellation that lands
+    as a command completes, and a loop only cancellation could end then ran
+    on forever while the test waited for it (seen under load). An error in
+    ``step`` is raised from the block's exit.
+    """
+    stop = asyncio.Event()
+
+    async def loop() -> None:
+        while not stop.is_set():
+            await step()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
 async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
     """Every event published while the block runs, appended as it arrives."""
     pubsub = queue.client.pubsub()
@@ -42,18 +72,14 @@ async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
     seen: list[dict[str, Any]] = []
 
     async def pump() -> None:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message is not None:
-                seen.append(json.loads(message["data"]))
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if message is not None:
+            seen.append(json.loads(message["data"]))
 
-    reader = asyncio.create_task(pump())
     try:
-        yield seen
+        async with looping(pump, 0):
+            yield seen
     finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 

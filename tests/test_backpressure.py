@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import looping
 from supervisor_harness import configured, write_config
 
 from actors.exceptions import BackpressureException
@@ -229,13 +230,10 @@ async def test_fast_producers_never_push_the_depth_past_the_high_watermark(
                 await asyncio.sleep(min(exc.retry_after, 0.01))  # impatient
 
     async def sample() -> None:
-        while True:
-            depths.append(await depth(queue))
-            await asyncio.sleep(0.001)
+        depths.append(await depth(queue))
 
     async with RedisQueue(slow) as queue, actors(slow):
-        sampler = asyncio.create_task(sample())
-        try:
+        async with looping(sample, 0.001):
             until = time.monotonic() + seconds
             await asyncio.gather(*(produce(until) for _ in range(4)))
 
@@ -249,10 +247,6 @@ async def test_fast_producers_never_push_the_depth_past_the_high_watermark(
             while not await drained():
                 assert loop.time() < deadline, "accepted tasks did not all complete"
                 await asyncio.sleep(0.05)
-        finally:  # also on a failure: the sampler must not outlive the queue
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
         statuses = [await manager.get_task_status(rid) for rid in accepted]
 
     overshoot = max(depths) - high

@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from helpers import count, event_log, wait_for
+from helpers import count, event_log, looping, wait_for
 
 from actors.base import Actor
 from actors.heartbeat import HeartbeatMonitor
@@ -141,27 +141,20 @@ async def test_silent_worker_is_marked_lost_once_and_its_task_requeued(
     request_id = await leased_task(queue, "silent")
 
     async def beat() -> None:
-        while True:
-            await monitor.update_heartbeat("alive")
-            await asyncio.sleep(settings.heartbeat.interval)
+        await monitor.update_heartbeat("alive")
 
-    beating = asyncio.create_task(beat())
-    try:
-        async with (
-            event_log(queue) as events,
-            running(HeartbeatMonitor("hb", settings, os.getppid())),
-        ):
+    async with (
+        looping(beat, settings.heartbeat.interval),
+        event_log(queue) as events,
+        running(HeartbeatMonitor("hb", settings, os.getppid())),
+    ):
 
-            async def requeued() -> bool:
-                return await manager.get_task_status(request_id) is TaskStatus.PENDING
+        async def requeued() -> bool:
+            return await manager.get_task_status(request_id) is TaskStatus.PENDING
 
-            await wait_for(requeued, 3, message="the silent worker's task was not requeued")
-            await asyncio.sleep(5 * settings.heartbeat.interval)  # several more passes
-            workers = {w["worker_id"]: w for w in await monitor.get_active_workers()}
-    finally:
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
+        await wait_for(requeued, 3, message="the silent worker's task was not requeued")
+        await asyncio.sleep(5 * settings.heartbeat.interval)  # several more passes
+        workers = {w["worker_id"]: w for w in await monitor.get_active_workers()}
 
     assert count(events, "worker.lost", worker_id="silent") == 1
     assert count(events, "worker.lost", worker_id="alive") == 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio
-from helpers import wait_for
+from helpers import looping, wait_for
 
 from actors.exceptions import QueueConnectionException, TaskTimeoutException
 from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus
@@ -146,22 +145,14 @@ async def test_two_thousand_concurrent_waits_are_answered_on_a_few_connections(
 
     async def sample_clients() -> None:
         nonlocal peak
-        while True:
-            peak = max(peak, (await redis_client.info("clients"))["connected_clients"])
-            await asyncio.sleep(0.02)
+        peak = max(peak, (await redis_client.info("clients"))["connected_clients"])
 
-    sampler = asyncio.create_task(sample_clients())
-    try:
-        async with RedisQueue(settings) as gateway:
-            waits = [gateway.wait_for_response(lease.request_id, 5) for lease in leases]
-            waiting = asyncio.gather(*waits, return_exceptions=True)
-            await wait_for(lambda: subscribed(redis_client, gateway, after[-1].request_id))
-            await finish(worker, after)
-            responses = await waiting
-    finally:
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+    async with looping(sample_clients, 0.02), RedisQueue(settings) as gateway:
+        waits = [gateway.wait_for_response(lease.request_id, 5) for lease in leases]
+        waiting = asyncio.gather(*waits, return_exceptions=True)
+        await wait_for(lambda: subscribed(redis_client, gateway, after[-1].request_id))
+        await finish(worker, after)
+        responses = await waiting
     accepted = (await redis_client.info("stats"))["total_connections_received"] - accepted_before
 
     failures = [
