@@ -293,6 +293,9 @@ class Adapter(ABC, Generic[H]):
     name: ClassVar[str]
     #: The bulk-enqueue API used for W2 bulk, or None if the system has none.
     bulk_api: ClassVar[str | None] = None
+    #: Whether ``enqueue`` awaits its I/O (an asyncio client), so that
+    #: concurrent enqueues overlap; a blocking client would run them one by one.
+    async_producer: ClassVar[bool] = False
 
     def __init__(self, url: str, workdir: Path) -> None:
         self.url = url

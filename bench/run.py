@@ -69,6 +69,7 @@ COLUMNS: dict[str, list[Column]] = {
     ],
     "w2": [
         Column("seq_tps", "sequential tasks/s", True),
+        Column("conc_tps", "100 concurrent tasks/s", True),
         Column("bulk_tps", "bulk tasks/s", True),
         Column("cmds_seq", "seq cmds/task", digits=2),
         Column("rtt_seq", "seq round trips/task", digits=2),
@@ -248,13 +249,14 @@ def _notes(cells: list[Cell]) -> list[str]:
     seen: set[tuple[str, str]] = set()
     for cell in cells:
         for key, text in cell.notes.items():
-            if key.startswith(("top", "bulk")) and (cell.system, key) not in seen:
+            if key.startswith(("top", "bulk", "concurrent")) and (cell.system, key) not in seen:
                 seen.add((cell.system, key))
                 label = {
                     "top": "commands/task",
                     "top_seq": "seq enqueue commands/task",
                     "top_bulk": "bulk enqueue commands/task",
                     "bulk": "bulk API",
+                    "concurrent": "100 concurrent enqueues",
                 }[key]
                 lines.append(f"- {cell.system} {label}: {text}")
     return lines

@@ -115,6 +115,7 @@ class ActorWorkers(WorkerGroup):
 class ScrapeqAdapter(Adapter[str]):
     name = "scrapeq"
     bulk_api = "enqueue_many"
+    async_producer = True
 
     def __init__(self, url: str, workdir: Path, profile: Path | None = None) -> None:
         super().__init__(url, workdir)

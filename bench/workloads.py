@@ -46,6 +46,8 @@ W3_LATE = 10.0
 #: W3 gives up (as an error) after this many missed results.
 W3_MAX_MISSED = 100
 WAITER_TIMEOUT = 120.0
+#: W2: enqueue calls in flight at once, as a Gateway serving many requests makes them.
+W2_CONCURRENCY = 100
 
 AdapterFactory = Callable[[str, Path], Adapter[Any]]
 
@@ -145,7 +147,8 @@ async def dispatch(target: Target, cell: Cell, kind: TaskKind, tasks: int) -> No
 
 
 async def enqueue_rates(target: Target, cell: Cell, tasks: int) -> None:
-    """W2: one producer, no workers; sequential awaited enqueues, then the bulk API."""
+    """W2: one producer, no workers; sequential awaited enqueues, the same with
+    ``W2_CONCURRENCY`` in flight (asyncio clients only), then the bulk API."""
     async with private_system(target, "w1") as (adapter, probe):
         await probe.reset()
         before = adapter.harness.snapshot()
@@ -154,6 +157,11 @@ async def enqueue_rates(target: Target, cell: Cell, tasks: int) -> None:
             await adapter.enqueue("noop", index)
         cell.metrics["seq_tps"] = tasks / (time.perf_counter() - started)
         _traffic_metrics(cell, await probe.traffic(adapter.harness.since(before)), tasks, "_seq")
+        if adapter.async_producer:
+            await probe.flushall()
+            cell.metrics["conc_tps"] = await _concurrent_enqueues(adapter, tasks)
+        else:
+            cell.notes["concurrent"] = f"n/a: {adapter.name}'s client blocks"
         if adapter.bulk_api is None:
             cell.notes["bulk"] = f"n/a: {adapter.name} has no bulk enqueue API"
             return
@@ -165,6 +173,19 @@ async def enqueue_rates(target: Target, cell: Cell, tasks: int) -> None:
         cell.metrics["bulk_tps"] = tasks / (time.perf_counter() - started)
         cell.notes["bulk"] = adapter.bulk_api
         _traffic_metrics(cell, await probe.traffic(adapter.harness.since(before)), tasks, "_bulk")
+
+
+async def _concurrent_enqueues(adapter: Adapter[Any], tasks: int) -> float:
+    """Tasks/s of ``tasks`` single enqueues with ``W2_CONCURRENCY`` in flight."""
+    slots = asyncio.Semaphore(W2_CONCURRENCY)
+
+    async def one(index: int) -> None:
+        async with slots:
+            await adapter.enqueue("noop", index)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(index) for index in range(tasks)))
+    return tasks / (time.perf_counter() - started)
 
 
 async def round_trip(target: Target, cell: Cell, iterations: int) -> None:

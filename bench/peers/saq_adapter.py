@@ -29,6 +29,7 @@ SWEEP_LOCK_SECONDS = 3600
 
 class SaqAdapter(Adapter[Job]):
     name = "saq"
+    async_producer = True
 
     _queue: RedisQueue | None = None
 

@@ -40,6 +40,7 @@ Task = AsyncTaskiqTask[Any]
 
 class TaskiqAdapter(Adapter[Task]):
     name = "taskiq"
+    async_producer = True
 
     _app: taskiq_tasks.TaskiqApp | None = None
     _counter: KeyCounter | None = None
