@@ -17,15 +17,18 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import psutil
 from redis.asyncio import Redis
+
+from supervisor.redis_server import RedisServer
 
 TaskKind = Literal["noop", "sleep"]
 #: The worker layouts an adapter is asked for (see each adapter's table).
@@ -352,3 +355,15 @@ class Adapter(ABC, Generic[H]):
             want = self.expected(kind, index)
             if got != want:
                 raise RuntimeError(f"{self.name}: task {index} returned {got!r}, expected {want!r}")
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """The URL of a redis-server of its own (no persistence, a temporary folder), stopped after."""
+    with tempfile.TemporaryDirectory(prefix="scrapeq-bench-") as folder:
+        server = RedisServer(Path(folder), appendonly=False)
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()

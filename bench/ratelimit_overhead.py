@@ -22,17 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from actors.models import ScrapingRequest
 from actors.queue import RedisQueue, TaskManager
 from actors.store import Completion
+from bench.common import private_redis
 from config.settings import Settings
-from supervisor.redis_server import RedisServer
 
 #: Rate limits per set-up; None publishes nothing at all.
 SETUPS: dict[str, dict[str, float] | None] = {
@@ -151,13 +149,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per set-up")
     parser.add_argument("--claimers", type=int, default=2, help="concurrent claim loops")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="scrapeq-bench-") as folder:
-        server = RedisServer(Path(folder), appendonly=False)
-        server.start()
-        try:
-            samples = asyncio.run(run(server.url, args.tasks, args.repeats, args.claimers))
-        finally:
-            server.stop()
+    with private_redis() as url:
+        samples = asyncio.run(run(url, args.tasks, args.repeats, args.claimers))
     print_table(samples)
 
 

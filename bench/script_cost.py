@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import redis
 
 from actors.keys import KeySpace
 from actors.models import ScrapingRequest
 from actors.store import script_source
-from supervisor.redis_server import RedisServer
+from bench.common import private_redis
 
 PIPELINE = 100
 TIME_CALLS = (0, 4, 8, 12)
@@ -123,13 +121,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000, help="calls per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all scripts")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="scrapeq-bench-") as folder:
-        server = RedisServer(Path(folder), appendonly=False)
-        server.start()
-        try:
-            results = run(server.url, args.calls, args.repeats)
-        finally:
-            server.stop()
+    with private_redis() as url:
+        results = run(url, args.calls, args.repeats)
     print_table(results)
 
 

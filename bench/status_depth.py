@@ -20,18 +20,16 @@ import argparse
 import asyncio
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from actors.models import ScrapingRequest
 from actors.queue import RedisQueue, TaskManager
 from actors.store import Completion
+from bench.common import private_redis
 from config.settings import Settings
-from supervisor.redis_server import RedisServer
 
 DEFAULT_SIZES = (100, 1_000, 100_000, 1_000_000)
 #: Requests built and enqueued per enqueue_many call while filling.
@@ -150,13 +148,8 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=2000, help="timed calls per depth")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="scrapeq-bench-") as folder:
-        server = RedisServer(Path(folder), appendonly=False)
-        server.start()
-        try:
-            rows = asyncio.run(run(server.url, args.sizes, args.samples))
-        finally:
-            server.stop()
+    with private_redis() as url:
+        rows = asyncio.run(run(url, args.sizes, args.samples))
     print_table(rows)
 
 
