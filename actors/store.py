@@ -63,6 +63,24 @@ class EnqueueItem(NamedTuple):
     rate_keys: str  # space-separated rate keys ("" = none)
 
 
+def enqueue_call(
+    keys: KeySpace, items: Sequence[EnqueueItem], high_watermark: int, stale_ms: int
+) -> tuple[list[str], list[Any]]:
+    """The KEYS and the script's own ARGV (after the shared context) of one enqueue call."""
+    args: list[Any] = [keys.gate_prefix, high_watermark, stale_ms, len(items)]
+    for item in items:
+        args += item  # the six fields, in the order enqueue.lua reads them
+    return [
+        keys.pending,
+        keys.seq,
+        keys.stats,
+        keys.backpressure,
+        keys.limits,
+        keys.paused,
+        keys.gates,
+    ], args
+
+
 def _with_sha(source: str) -> tuple[str, str]:
     return hashlib.sha1(source.encode()).hexdigest(), source
 
@@ -127,22 +145,8 @@ class TaskStore:
 
         Raises ``DuplicateTaskException`` or ``BackpressureException`` (nothing written).
         """
-        k = self.keys
-        args: list[Any] = [k.gate_prefix, self._high_watermark, self._stale_ms, len(items)]
-        for item in items:
-            args += [
-                item.request_id,
-                item.request_json,
-                item.priority,
-                item.max_retries,
-                item.expires_in_ms,
-                item.rate_keys,
-            ]
-        reply = await self._run(
-            "enqueue",
-            [k.pending, k.seq, k.stats, k.backpressure, k.limits, k.paused, k.gates],
-            args,
-        )
+        keys, args = enqueue_call(self.keys, items, self._high_watermark, self._stale_ms)
+        reply = await self._run("enqueue", keys, args)
         code, value = int(reply[0]), int(reply[1])
         if code == 0:
             raise DuplicateTaskException(items[value - 1].request_id)

@@ -24,7 +24,7 @@ import redis
 
 from actors.keys import KeySpace
 from actors.models import ScrapingRequest
-from actors.store import script_source
+from actors.store import EnqueueItem, enqueue_call, script_source
 from bench.common import private_redis
 
 PIPELINE = 100
@@ -38,22 +38,12 @@ Workload = dict[str, tuple[str, Callable[[int], Call]]]
 
 def workloads() -> Workload:
     keys = KeySpace("bench", "default")
-    enqueue_keys = [
-        keys.pending,
-        keys.seq,
-        keys.stats,
-        keys.backpressure,
-        keys.limits,
-        keys.paused,
-        keys.gates,
-    ]
     payload = ScrapingRequest(script_name="echo").stored_json()
 
-    context: list[str | int] = [*keys.script_context(), keys.gate_prefix, 10**9, 5000, 1]
-
     def enqueue_args(i: int) -> Call:
-        task: list[str | int] = [f"t{i}", payload, 0, 3, 0, "script:echo"]
-        return len(enqueue_keys), [*enqueue_keys, *context, *task]
+        item = EnqueueItem(f"t{i}", payload, 0, 3, 0, "script:echo")
+        enqueue_keys, args = enqueue_call(keys, [item], high_watermark=10**9, stale_ms=5000)
+        return len(enqueue_keys), [*enqueue_keys, *keys.script_context(), *args]
 
     out: Workload = {
         f"{n} x redis.call('TIME')": (

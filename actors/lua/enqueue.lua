@@ -84,10 +84,12 @@ if redis.call('EXISTS', KEYS[5], KEYS[6]) > 0 then
       local gate = gate_for(KEYS[5], KEYS[6], split_keys(ARGV[base + 6]))
       if gate then
         redis.call('ZCARD', gate_prefix .. gate)
-        redis.call('ZCARD', KEYS[7])
         gates[base] = gate
       end
     end
+  end
+  if next(gates) then
+    redis.call('ZCARD', KEYS[7])
   end
 end
 
