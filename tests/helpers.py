@@ -8,7 +8,9 @@ import contextlib
 import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
+
+from redis.asyncio.client import PubSub
 
 from actors.queue import RedisQueue
 
@@ -63,24 +65,43 @@ async def looping(step: Callable[[], Awaitable[object]], interval: float) -> Asy
 
 
 @contextlib.asynccontextmanager
-async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
-    """Every event published while the block runs, appended as it arrives."""
+async def subscribed(queue: RedisQueue, channel: str) -> AsyncIterator[PubSub]:
+    """A subscription to ``channel`` that Redis has confirmed.
+
+    redis-py's ``subscribe`` only sends the command; a message published
+    through another connection before Redis has processed it is not
+    delivered. From the confirmation on, nothing is missed.
+    """
     pubsub = queue.client.pubsub()
-    await pubsub.subscribe(queue.keys.events)
-    while (await pubsub.get_message(timeout=5)) is None:
-        pass  # the subscribe confirmation: from here on nothing is missed
-    seen: list[dict[str, Any]] = []
-
-    async def pump() -> None:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-        if message is not None:
-            seen.append(json.loads(message["data"]))
-
     try:
-        async with looping(pump, 0):
-            yield seen
+        await pubsub.subscribe(channel)
+        confirmation = await pubsub.get_message(timeout=5)
+        assert confirmation is not None, f"no confirmation of the subscription to {channel}"
+        yield pubsub
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def next_message(pubsub: PubSub, timeout: float = 5) -> dict[str, Any]:
+    """The next published message; AssertionError if none comes within ``timeout``."""
+    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+    assert message is not None, f"no message within {timeout} s"
+    return cast(dict[str, Any], message)
+
+
+@contextlib.asynccontextmanager
+async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every event published while the block runs, appended as it arrives."""
+    seen: list[dict[str, Any]] = []
+    async with subscribed(queue, queue.keys.events) as pubsub:
+
+        async def pump() -> None:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None:
+                seen.append(json.loads(message["data"]))
+
+        async with looping(pump, 0):
+            yield seen
 
 
 def count(events: list[dict[str, Any]], name: str, **fields: Any) -> int:

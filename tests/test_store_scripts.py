@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 import pytest
+from helpers import next_message, subscribed
 
 from actors.exceptions import BackpressureException, DuplicateTaskException, ScriptError
 from actors.models import DEFAULT_MAX_RETRIES, ScrapingRequest
@@ -384,15 +385,9 @@ async def test_complete_stores_publishes_and_expires_the_response(
 ) -> None:
     request_id = await add(queue)
     lease = await claim_one(store)
-    pubsub = queue.client.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(queue.keys.done(request_id))
-    try:
+    async with subscribed(queue, queue.keys.done(request_id)) as pubsub:
         await store.complete("w1", [Completion(request_id, lease.attempt, '{"n":[1,2]}', 1.25)])
-        message = None
-        while message is None:
-            message = await pubsub.get_message(timeout=5)
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        message = await next_message(pubsub)
 
     stored = await record(queue, request_id)
     assert message["data"].decode() == stored["response"]
