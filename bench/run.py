@@ -29,6 +29,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from bench.common import Adapter, Summary, UnsupportedError, summarize
 from bench.peers import PEERS, load_peer
 from bench.scrapeq_adapter import ScrapeqAdapter
@@ -133,6 +135,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument(
         "--profile", type=Path, help="run scrapeq's first worker under cProfile, stats here"
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of the benchmark's own (producer and waiter) process; "
+        "uvloop as scrapeq's processes and uvicorn use it (default: uvloop)",
     )
     args = parser.parse_args(argv)
     for option, known in (("systems", SYSTEMS), ("workloads", tuple(COLUMNS))):
@@ -282,6 +291,7 @@ def header(args: argparse.Namespace) -> str:
             f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, "
             f"Python {platform.python_version()}, {redis.stdout.split(' sha=')[0].strip()}, "
             f"load average at start {_load()}",
+            f"- producer and waiter event loop: {args.loop} (workers: each system's own)",
             f"- packages: {', '.join(versions)}",
             f"- repeats: {args.repeats}, cells: median (min–max); commands/task counts every "
             "command Redis ran (inside Lua too); round trips/task counts client requests "
@@ -324,7 +334,8 @@ def _load() -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        cells = asyncio.run(main_async(args))
+        runner = uvloop.run if args.loop == "uvloop" else asyncio.run
+        cells = runner(main_async(args))
     except KeyboardInterrupt:  # every worker and server was stopped on the way out
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
