@@ -313,8 +313,9 @@ class Adapter(ABC, Generic[H]):
     async def close(self) -> None: ...
 
     @abstractmethod
-    def start_workers(self, layout: WorkerLayout) -> WorkerGroup:
-        """Start the worker processes of this layout (see the adapter's table)."""
+    def start_workers(self, layout: WorkerLayout, processes: int | None = None) -> WorkerGroup:
+        """Start the worker processes of this layout (see the adapter's table);
+        ``processes`` replaces the layout's process count (the scaling curve)."""
 
     @abstractmethod
     async def enqueue(self, kind: TaskKind, index: int) -> H: ...

@@ -5,6 +5,9 @@
         [--workloads w1,w2,w3,w4,waiters,memory] [--repeats 3] [--tasks 10000] \\
         [--json out.json] [--profile worker.prof]
 
+    python3 -m uv run --group peers python -m bench.run --workloads scaling \\
+        --processes 1,2,4,8,14 --tasks 50000      # the scaling curve (opt-in)
+
 Within each workload the systems run in turn, repetition after repetition
 (A B C, A B C, ...), so drift on the machine spreads over all of them. Each
 table cell is the median (min-max) over the repetitions that succeeded; "vs
@@ -41,12 +44,15 @@ from bench.workloads import (
     enqueue_rates,
     memory,
     round_trip,
+    scaling,
     waiters,
 )
 from supervisor.redis_server import find_redis_server
 
 SYSTEMS = ("scrapeq", *PEERS)
 SCRAPEQ_ONLY = frozenset({"waiters", "memory"})
+#: Run only when named in --workloads: the curve wants a many-core machine.
+OPT_IN = ("scaling",)
 PACKAGES = ("redis", "hiredis", "saq", "taskiq", "taskiq-redis", "dramatiq", "huey", "uvloop")
 
 
@@ -118,7 +124,19 @@ TITLES = {
     "w4": "W4 I/O-bound: {tasks:,} x 10 ms sleep, 2 processes x 100 concurrency",
     "waiters": "Waiters (scrapeq): {waiters:,} concurrent wait_for_response in one process",
     "memory": "Memory (scrapeq): one worker process, N = {tasks:,} noop tasks per round",
+    "scaling": "Scaling: W1 dispatch of {tasks:,} noop tasks at {processes} worker processes",
 }
+
+
+def columns_for(workload: str, args: argparse.Namespace) -> list[Column]:
+    """The table's columns; the scaling table has one per process count."""
+    if workload != "scaling":
+        return COLUMNS[workload]
+    counts: list[int] = args.processes
+    return [
+        *(Column(f"steady_tps_{n}", f"{n} proc tasks/s", True) for n in counts),
+        Column(f"redis_us_{counts[-1]}", f"Redis CPU µs/task at {counts[-1]}", digits=1),
+    ]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -137,6 +155,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile", type=Path, help="run scrapeq's first worker under cProfile, stats here"
     )
     parser.add_argument(
+        "--processes",
+        default="1,2,4,8,14",
+        help="worker process counts of the scaling workload (default: 1,2,4,8,14)",
+    )
+    parser.add_argument(
         "--loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
@@ -144,12 +167,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "uvloop as scrapeq's processes and uvicorn use it (default: uvloop)",
     )
     args = parser.parse_args(argv)
-    for option, known in (("systems", SYSTEMS), ("workloads", tuple(COLUMNS))):
+    for option, known in (("systems", SYSTEMS), ("workloads", (*COLUMNS, *OPT_IN))):
         chosen = [name.strip() for name in getattr(args, option).split(",") if name.strip()]
         unknown = sorted(set(chosen) - set(known))
         if unknown:
             parser.error(f"--{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
         setattr(args, option, chosen)
+    try:
+        args.processes = sorted({int(n) for n in args.processes.split(",") if n.strip()})
+    except ValueError:
+        parser.error(f"--processes: not a list of numbers: {args.processes}")
+    if not args.processes or args.processes[0] < 1:
+        parser.error("--processes: give one or more counts of at least 1")
     return args
 
 
@@ -171,6 +200,7 @@ def measures(args: argparse.Namespace) -> dict[str, Measure]:
         "w4": lambda target, cell: dispatch(target, cell, "sleep", args.tasks),
         "waiters": lambda target, cell: waiters(target, cell, args.waiters),
         "memory": lambda target, cell: memory(target, cell, args.tasks),
+        "scaling": lambda target, cell: scaling(target, cell, args.tasks, args.processes),
     }
 
 
@@ -188,9 +218,12 @@ def fmt(value: float, digits: int) -> str:
 
 
 def table(workload: str, cells: list[Cell], systems: list[str], args: argparse.Namespace) -> str:
-    columns = COLUMNS[workload]
+    columns = columns_for(workload, args)
     title = TITLES[workload].format(
-        tasks=args.tasks, iterations=args.iterations, waiters=args.waiters
+        tasks=args.tasks,
+        iterations=args.iterations,
+        waiters=args.waiters,
+        processes=", ".join(map(str, args.processes)),
     )
     summaries: dict[tuple[str, str], Summary] = {}
     for system in systems:

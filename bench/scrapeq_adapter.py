@@ -137,8 +137,9 @@ class ScrapeqAdapter(Adapter[str]):
             await self._queue.close()
             self._queue = None
 
-    def start_workers(self, layout: WorkerLayout) -> WorkerGroup:
-        processes, concurrency = LAYOUTS[layout]
+    def start_workers(self, layout: WorkerLayout, processes: int | None = None) -> WorkerGroup:
+        default_processes, concurrency = LAYOUTS[layout]
+        processes = processes or default_processes
         settings = bench_settings(self.url, concurrency)
         return ActorWorkers(settings, processes, self.workdir / "workers.log", self.profile)
 

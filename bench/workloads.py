@@ -15,7 +15,7 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,8 +103,13 @@ def _traffic_metrics(cell: Cell, traffic: Traffic, tasks: int, suffix: str = "")
     cell.notes[f"top{suffix}"] = traffic.top(tasks)
 
 
-async def dispatch(target: Target, cell: Cell, kind: TaskKind, tasks: int) -> None:
-    """W1 / W4: ``tasks`` pre-enqueued, workers started, timed until all are done."""
+async def dispatch(
+    target: Target, cell: Cell, kind: TaskKind, tasks: int, processes: int | None = None
+) -> None:
+    """W1 / W4: ``tasks`` pre-enqueued, workers started, timed until all are done.
+
+    ``processes`` replaces the layout's worker process count.
+    """
     layout: WorkerLayout = "w1" if kind == "noop" else "w4"
     poll = W1_POLL if kind == "noop" else W4_POLL
     async with private_system(target, layout) as (adapter, probe):
@@ -112,7 +117,7 @@ async def dispatch(target: Target, cell: Cell, kind: TaskKind, tasks: int) -> No
         await probe.reset()
         before = adapter.harness.snapshot()
         started = time.perf_counter()
-        workers = adapter.start_workers(layout)
+        workers = adapter.start_workers(layout, processes)
         cell.notes["workers"] = workers.description
         try:
             deadline = started + max(60.0, tasks / 100)
@@ -144,6 +149,16 @@ async def dispatch(target: Target, cell: Cell, kind: TaskKind, tasks: int) -> No
     if kind == "sleep":
         cell.metrics["ideal_pct"] = 100 * cell.metrics["steady_tps"] / W4_IDEAL
     _traffic_metrics(cell, traffic, tasks)
+
+
+async def scaling(target: Target, cell: Cell, tasks: int, counts: Sequence[int]) -> None:
+    """W1 once per worker process count: steady tasks/s and Redis CPU per task at each."""
+    for processes in counts:
+        one = Cell(cell.system, cell.workload, cell.rep)
+        await dispatch(target, one, "noop", tasks, processes)
+        cell.metrics[f"steady_tps_{processes}"] = one.metrics["steady_tps"]
+        cell.metrics[f"redis_us_{processes}"] = one.metrics["redis_us"]
+        cell.notes["workers"] = one.notes["workers"]  # the largest count's set-up
 
 
 async def enqueue_rates(target: Target, cell: Cell, tasks: int) -> None:

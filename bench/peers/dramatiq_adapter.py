@@ -63,8 +63,9 @@ class DramatiqAdapter(Adapter[Message]):
             self._app.backend.client.close()
             self._app = None
 
-    def start_workers(self, layout: WorkerLayout) -> CommandWorkers:
-        processes, threads = LAYOUTS[layout]
+    def start_workers(self, layout: WorkerLayout, processes: int | None = None) -> CommandWorkers:
+        default_processes, threads = LAYOUTS[layout]
+        processes = processes or default_processes
         args = ["--processes", str(processes), "--threads", str(threads)]
         command = [sys.executable, "-m", "dramatiq", "bench.peers.dramatiq_tasks:broker"]
         workers = CommandWorkers(

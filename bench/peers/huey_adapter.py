@@ -55,8 +55,10 @@ class HueyAdapter(Adapter[Result]):
             self._app.huey.storage.conn.close()
             self._app = None
 
-    def start_workers(self, layout: WorkerLayout) -> CommandWorkers:
+    def start_workers(self, layout: WorkerLayout, processes: int | None = None) -> CommandWorkers:
         consumers, kind, count = LAYOUTS[layout]
+        if processes and kind == "process":
+            count = processes  # one consumer with that many worker processes
         args = ["-k", kind, "-w", str(count)]
         command = [sys.executable, "-m", "huey.bin.huey_consumer", "bench.peers.huey_tasks.huey"]
         env = {huey_tasks.URL_ENV: self.url, huey_tasks.NOTIFY_ENV: "1" if layout == "w3" else "0"}

@@ -53,8 +53,9 @@ class SaqAdapter(Adapter[Job]):
             await self._queue.disconnect()
             self._queue = None
 
-    def start_workers(self, layout: WorkerLayout) -> CommandWorkers:
-        processes, concurrency = LAYOUTS[layout]
+    def start_workers(self, layout: WorkerLayout, processes: int | None = None) -> CommandWorkers:
+        default_processes, concurrency = LAYOUTS[layout]
+        processes = processes or default_processes
         command = [sys.executable, "-m", "saq", "bench.peers.saq_tasks.settings"]
         workers = CommandWorkers(
             [[*command, "--workers", str(processes)]],

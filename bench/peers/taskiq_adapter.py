@@ -64,8 +64,9 @@ class TaskiqAdapter(Adapter[Task]):
             await self._app.broker.shutdown()
             self._app = None
 
-    def start_workers(self, layout: WorkerLayout) -> CommandWorkers:
-        processes, concurrency = LAYOUTS[layout]
+    def start_workers(self, layout: WorkerLayout, processes: int | None = None) -> CommandWorkers:
+        default_processes, concurrency = LAYOUTS[layout]
+        processes = processes or default_processes
         args = ["--workers", str(processes), "--max-async-tasks", str(concurrency)]
         workers = CommandWorkers(
             [
