@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import event_log, wait_for
+from helpers import count, event_log, wait_for
 from redis.exceptions import ResponseError
 
 from actors import queue as queue_module
@@ -21,7 +22,7 @@ from actors.exceptions import (
 )
 from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus
 from actors.queue import ENQUEUE_CHUNK, RedisQueue, TaskManager, WorkerMonitor
-from actors.store import EnqueueItem
+from actors.store import Completion, EnqueueItem
 from config.settings import Settings
 from supervisor.redis_server import RedisServer, free_port
 
@@ -534,6 +535,54 @@ async def test_cleanup_forgets_workers_gone_for_long(queue: RedisQueue) -> None:
 
 
 # -- events ---------------------------------------------------------------------------------
+
+
+async def publish_calls(queue: RedisQueue) -> int:
+    """PUBLISH commands Redis ran since the last CONFIG RESETSTAT (inside scripts too)."""
+    stats: dict[str, Any] = await queue.client.info("commandstats")
+    return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+
+
+async def claim_and_complete(queue: RedisQueue, tasks: int) -> list[str]:
+    """Enqueue ``tasks``, claim them in one call and complete them in one call."""
+    ids = await queue.enqueue_many([request() for _ in range(tasks)])
+    claim = await queue.store.claim("w1", tasks)
+    assert len(claim.leases) == tasks
+    results = [Completion(lease.request_id, lease.attempt, "null", 0.1) for lease in claim.leases]
+    assert await queue.store.complete("w1", results) == [True] * tasks
+    return ids
+
+
+async def test_batches_publish_all_their_events_to_a_listener(queue: RedisQueue) -> None:
+    async with event_log(queue) as events:
+        ids = await claim_and_complete(queue, 5)
+        await wait_for(lambda: count(events, "task.completed") == 5, timeout=5)
+    for name in ("task.enqueued", "task.started", "task.completed"):
+        assert sorted(e["request_id"] for e in events if e["event"] == name) == sorted(ids), name
+
+
+async def test_batches_skip_their_events_when_nobody_listens(queue: RedisQueue) -> None:
+    await queue.client.config_resetstat()
+    await claim_and_complete(queue, 5)
+    # enqueue: its first event and the wake signal; claim: its first event;
+    # complete: its first event and each task's response channel (waiters).
+    assert await publish_calls(queue) == 2 + 1 + (1 + 5)
+
+
+async def test_a_pattern_subscriber_hears_every_event_of_a_batch(queue: RedisQueue) -> None:
+    pubsub = queue.client.pubsub()
+    try:
+        await pubsub.psubscribe(queue.keys.events[:-1] + "*")
+        assert await pubsub.get_message(timeout=5) is not None  # the confirmation
+        ids = await queue.enqueue_many([request() for _ in range(5)])
+        heard = []
+        while len(heard) < 5:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            assert message is not None, f"heard only {heard}"
+            heard.append(json.loads(message["data"])["request_id"])
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert sorted(heard) == sorted(ids)
 
 
 async def test_every_lifecycle_step_is_published_as_an_event(

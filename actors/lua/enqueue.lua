@@ -132,8 +132,10 @@ for _, base in ipairs(fresh) do
     ready[#ready + 1] = id
   end
   -- Ids match REQUEST_ID_PATTERN (checked by the client): no JSON escaping needed.
-  redis.call('PUBLISH', EVENTS,
-    '{"event":"task.enqueued","ts":' .. (now / 1000) .. ',"request_id":"' .. id .. '"}')
+  if events_wanted() then
+    redis.call('PUBLISH', EVENTS,
+      '{"event":"task.enqueued","ts":' .. (now / 1000) .. ',"request_id":"' .. id .. '"}')
+  end
 end
 if #ready > 0 then
   redis.call('ZADD', KEYS[1], unpack(ready))
