@@ -562,6 +562,7 @@ async def test_batches_publish_all_their_events_to_a_listener(queue: RedisQueue)
 
 
 async def test_batches_skip_their_events_when_nobody_listens(queue: RedisQueue) -> None:
+    assert await queue.client.pubsub_numpat() == 0, "a pattern subscriber is left over"
     await queue.client.config_resetstat()
     await claim_and_complete(queue, 5)
     # enqueue: its first event and the wake signal; claim: its first event;
@@ -580,6 +581,10 @@ async def test_a_pattern_subscriber_hears_every_event_of_a_batch(queue: RedisQue
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
             assert message is not None, f"heard only {heard}"
             heard.append(json.loads(message["data"])["request_id"])
+        # Confirmed before closing: a pattern left behind would count for
+        # every later test (PUBSUB NUMPAT is server-wide).
+        await pubsub.punsubscribe()
+        assert await pubsub.get_message(timeout=5) is not None
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
     assert sorted(heard) == sorted(ids)
