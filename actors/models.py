@@ -110,9 +110,8 @@ class ScrapingRequest(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _parameters_are_json(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        # Parsed from JSON (a stored task), the parameters are JSON already;
-        # an empty dict needs no check.
-        if value and not (info.context and info.context.get(FROM_JSON)):
+        # Parsed from JSON (a stored task), the parameters are JSON already.
+        if not (info.context and info.context.get(FROM_JSON)):
             ensure_json(value, "parameters")
         return value
 

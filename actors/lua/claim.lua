@@ -54,8 +54,8 @@ local RECORD_FIELDS = {'request', 'expires_at', 'rate_keys', 'attempt'}
 local out = {-1}
 local claimed = 0
 
--- Lease one task (its rate keys already admitted it); false if it expired.
--- f is its HMGET of RECORD_FIELDS.
+-- Lease one task (its rate keys already admitted it), or cancel it if it
+-- expired, or dead-letter a damaged record. f is its HMGET of RECORD_FIELDS.
 local function start(id, f)
   local request, expires_at = f[1], f[2]
   if expired(expires_at) then
