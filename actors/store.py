@@ -39,6 +39,7 @@ SCRIPT_NAMES = (
     "mark_lost",
     "release",
     "renew",
+    "repair",
     "requeue_leases",
     "set_limits",
 )
@@ -280,6 +281,25 @@ class TaskStore:
                 [request_id, reason, self._ttl_ms, k.gate_prefix],
             )
         )
+
+    async def scan_tasks(self, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One SCAN step over the task records; returns the next cursor (0: done) and ids."""
+        prefix = self.keys.task_prefix
+        with translated_errors():
+            next_cursor, found = await self._connection.execute(
+                "SCAN", cursor, "MATCH", prefix + "*", "COUNT", count
+            )
+        return int(next_cursor), [key.decode()[len(prefix) :] for key in found]
+
+    async def repair(self, request_ids: Sequence[str]) -> list[str]:
+        """Put records that sit in no queue set back where their status says (repair.lua)."""
+        k = self.keys
+        repaired = await self._run(
+            "repair",
+            [k.pending, k.running, k.delayed, k.dead, k.stats],
+            [k.gate_prefix, self._ttl_ms, *request_ids],
+        )
+        return [item.decode() for item in repaired]
 
     async def dlq_requeue(self, request_ids: Sequence[str] | None) -> int:
         """Requeue the given dead letters, or all of them when ``request_ids`` is None."""

@@ -35,6 +35,7 @@ class QueueReading:
     totals: dict[str, int]  # completed, failed, cancelled, enqueued
     workers: dict[str, int]  # active, inactive
     backpressure: dict[str, Any]  # state, depth[, rate]
+    repaired: int  # task records the reaper's sweep found in no queue set
 
 
 def read_queue(client: redis.Redis, keys: KeySpace, heartbeat_timeout: float) -> QueueReading:
@@ -51,7 +52,8 @@ def read_queue(client: redis.Redis, keys: KeySpace, heartbeat_timeout: float) ->
     pipe.zrange(keys.workers, 0, -1, withscores=True)
     pipe.hgetall(keys.backpressure)
     (seconds, micros), pending, running, retrying, dead, stats, beats, pressure = pipe.execute()
-    counters = {k.decode(): int(v) for k, v in stats.items()}
+    # A counter damaged from outside reads as absent; the scripts restart it.
+    counters = {k.decode(): int(v) for k, v in stats.items() if v.lstrip(b"-").isdigit()}
     cutoff_ms = seconds * 1000 + micros // 1000 - heartbeat_timeout * 1000
     active = sum(1 for _, last_ms in beats if last_ms >= cutoff_ms)
     return QueueReading(
@@ -61,6 +63,7 @@ def read_queue(client: redis.Redis, keys: KeySpace, heartbeat_timeout: float) ->
         },
         workers={"active": active, "inactive": len(beats) - active},
         backpressure=backpressure_view(pressure, pending),
+        repaired=counters.get("repaired", 0),
     )
 
 
@@ -95,6 +98,11 @@ class QueueCollector(Collector):
         for outcome, value in reading.totals.items():
             totals.add_metric([outcome], value)
         yield totals
+        yield CounterMetricFamily(
+            "scrapeq_tasks_repaired",
+            "Task records the reaper found in no queue set and put back",
+            value=reading.repaired,
+        )
         workers = GaugeMetricFamily(
             "scrapeq_workers", "Known workers by liveness", labels=["status"]
         )

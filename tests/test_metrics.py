@@ -72,6 +72,20 @@ async def test_backpressure_state_is_read_from_the_published_hash(
     assert samples[("scrapeq_backpressure_state", ())] == 2
 
 
+async def test_repairs_are_counted_and_a_damaged_counter_does_not_fail_the_scrape(
+    server: MetricsServer, queue: RedisQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.hset(queue.keys.task("lost"), mapping={"status": "pending", "request": "{}"})
+    assert await queue.store.repair(["lost"]) == ["lost"]
+    await redis_client.hset(queue.keys.stats, "completed", "not a number")
+
+    samples = await scrape(server.port)
+
+    assert samples[("scrapeq_redis_up", ())] == 1
+    assert samples[("scrapeq_tasks_repaired_total", ())] == 1
+    assert samples[("scrapeq_tasks_total", (("outcome", "completed"),))] == 0
+
+
 def test_unreachable_redis_is_reported_as_down_not_as_a_failed_scrape(
     settings: Settings,
 ) -> None:

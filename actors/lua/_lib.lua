@@ -26,6 +26,36 @@ local function max_retries_of(raw)
   return tonumber(raw) or 0
 end
 
+-- Redis does not roll a script back: a script that fails after its first
+-- write leaves the writes before the failure in place (a task record in no
+-- queue set, say). So after its first write a script must not fail. The three
+-- helpers below are how: a number read from Redis is converted with a default
+-- (a damaged value never turns into a nil that arithmetic trips on), and
+-- publishing and counting never raise (an ACL user without channel rights, a
+-- counter damaged from outside). A script that can fail otherwise does every
+-- read and check that could raise before its first write.
+
+-- A number read from Redis, or `default` when it is missing or not a number.
+local function num(raw, default)
+  return tonumber(raw) or default
+end
+
+-- PUBLISH that never aborts the script: a refusal (an ACL user without
+-- rights on the channel: Redis 7 gives a new user none) loses only the
+-- message, never the state change it announces.
+local function publish(channel, message)
+  redis.pcall('PUBLISH', channel, message)
+end
+
+-- HINCRBY of a counter that never aborts the script: a counter damaged from
+-- outside (not an integer) starts again at `by`.
+local function count_up(hash, field, by)
+  local result = redis.pcall('HINCRBY', hash, field, by)
+  if type(result) == 'table' then
+    redis.pcall('HSET', hash, field, by)
+  end
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -43,8 +73,11 @@ local events_asked, events_heard = 0, true
 local function events_wanted()
   events_asked = events_asked + 1
   if events_asked == 2 then
-    events_heard = redis.call('PUBSUB', 'NUMSUB', EVENTS)[2] > 0
-      or redis.call('PUBSUB', 'NUMPAT') > 0
+    -- A refused question (ACL) counts as "someone listens": publish() decides.
+    local subscribers = redis.pcall('PUBSUB', 'NUMSUB', EVENTS)
+    local patterns = redis.pcall('PUBSUB', 'NUMPAT')
+    events_heard = type(patterns) ~= 'number' or patterns > 0
+      or type(subscribers[2]) ~= 'number' or subscribers[2] > 0
   end
   return events_heard
 end
@@ -53,7 +86,7 @@ local function emit(name, now, fields)
   if events_wanted() then
     fields.event = name
     fields.ts = now / 1000
-    redis.call('PUBLISH', EVENTS, cjson.encode(fields))
+    publish(EVENTS, cjson.encode(fields))
   end
 end
 
@@ -70,7 +103,7 @@ local function finish(id, status, data_json, err, exec_time, now, ttl_ms)
     .. ',"completed_at":' .. string.format('%.3f', now / 1000) .. '}'
   redis.call('HSET', key, 'status', status, 'response', response, 'finished_at', now)
   redis.call('PEXPIRE', key, ttl_ms)
-  redis.call('PUBLISH', DONE .. id, response)
+  publish(DONE .. id, response)
 end
 
 -- A task's queue score. A record damaged from outside (not a number) sorts
@@ -123,7 +156,8 @@ local function rate_of(limits, key)
   if not rate and string.sub(key, 1, 7) == 'domain:' then
     rate = redis.call('HGET', limits, 'default_domain')
   end
-  return rate and tonumber(rate)
+  rate = tonumber(rate)
+  return rate and rate > 0 and rate or nil  -- a damaged rate limits nothing
 end
 
 -- The first of `keys` that holds tasks back (limited or paused), or nil.
@@ -144,7 +178,7 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
   local wait, blocker = 0, nil
   local plans = {}
   for _, key in ipairs(keys) do
-    local until_ms = tonumber(redis.call('HGET', paused, key) or '0')
+    local until_ms = num(redis.call('HGET', paused, key), 0)
     if until_ms > now then
       if until_ms > wait then wait, blocker = until_ms, key end
     else
@@ -153,7 +187,7 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
       if rate then
         local interval = 1000 / rate
         local tolerance = interval * (math.max(1, math.ceil(rate)) - 1)
-        local tat = math.max(tonumber(redis.call('HGET', state, key) or '0'), now)
+        local tat = math.max(num(redis.call('HGET', state, key), 0), now)
         if tat - now > tolerance then
           if tat - tolerance > wait then wait, blocker = tat - tolerance, key end
         else
@@ -170,11 +204,11 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
   end
   -- A key whose breaker is open lets this one task through as its probe and
   -- stays paused until the probe reports (success resumes it, failure re-opens).
-  local threshold = tonumber(redis.call('HGET', breaker_settings, 'failures') or '0')
+  local threshold = num(redis.call('HGET', breaker_settings, 'failures'), 0)
   if threshold > 0 then
     for _, key in ipairs(keys) do
-      if tonumber(redis.call('HGET', breaker, key) or '0') >= threshold then
-        local cooldown = tonumber(redis.call('HGET', breaker_settings, 'cooldown_ms') or '30000')
+      if num(redis.call('HGET', breaker, key), 0) >= threshold then
+        local cooldown = num(redis.call('HGET', breaker_settings, 'cooldown_ms'), 30000)
         redis.call('HSET', paused, key, now + cooldown)
       end
     end
@@ -188,5 +222,5 @@ local function enter_gate(gates, stats, gate_prefix, key, id, score, ready_at)
   redis.call('ZADD', gate_prefix .. key, score, id)
   redis.call('HSET', PREFIX .. id, 'gate', key)
   redis.call('ZADD', gates, 'NX', ready_at, key)
-  redis.call('HINCRBY', stats, 'gated', 1)
+  count_up(stats, 'gated', 1)
 end

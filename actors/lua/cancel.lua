@@ -25,9 +25,9 @@ redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[3], id)
 local gate = redis.call('HGET', PREFIX .. id, 'gate')
 if gate and redis.call('ZREM', ARGV[8] .. gate, id) == 1 then
-  redis.call('HINCRBY', KEYS[4], 'gated', -1)
+  count_up(KEYS[4], 'gated', -1)
 end
 finish(id, 'cancelled', nil, reason, nil, now, ttl_ms)
-redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
+count_up(KEYS[4], 'cancelled', 1)
 emit('task.cancelled', now, {request_id = id, reason = reason})
 return 1

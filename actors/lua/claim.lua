@@ -37,8 +37,9 @@ local BREAKER_SETTINGS = KEYS[10]
 local now = now_ms()
 
 -- An expired task is cancelled, not started: it must not use up a rate.
+-- A damaged expires_at (not a number) never expires.
 local function expired(expires_at)
-  return expires_at and tonumber(expires_at) <= now
+  return num(expires_at, math.huge) <= now
 end
 
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, promote_limit)
@@ -60,7 +61,7 @@ local function start(id, f)
   local request, expires_at = f[1], f[2]
   if expired(expires_at) then
     finish(id, 'cancelled', nil, 'expired', nil, now, ttl_ms)
-    redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
+    count_up(KEYS[4], 'cancelled', 1)
     emit('task.cancelled', now, {request_id = id, reason = 'expired'})
     return
   end
@@ -73,7 +74,7 @@ local function start(id, f)
     local err = 'invalid task record: attempt is not a number'
     redis.call('ZADD', KEYS[11], now, id)
     finish(id, 'failed', nil, err, nil, now, ttl_ms)
-    redis.call('HINCRBY', KEYS[4], 'failed', 1)
+    count_up(KEYS[4], 'failed', 1)
     emit('task.failed', now, {request_id = id, error = err})
     return
   end
@@ -108,7 +109,7 @@ if count > 0 and redis.call('EXISTS', GATES) == 1 then
         break
       end
       redis.call('ZREM', queue, head)
-      redis.call('HINCRBY', KEYS[4], 'gated', -1)
+      count_up(KEYS[4], 'gated', -1)
       if f[1] then
         redis.call('HDEL', PREFIX .. head, 'gate')
         start(head, f)
@@ -156,14 +157,14 @@ while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Re
 end
 
 if claimed > 0 then
-  redis.call('HINCRBY', KEYS[4], 'started', claimed)
+  count_up(KEYS[4], 'started', claimed)
 end
 if claimed < count then
   local next_due = -1
   for _, zset in ipairs({KEYS[3], GATES}) do
     local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
     if #first > 0 then
-      local in_ms = math.max(0, tonumber(first[2]) - now)
+      local in_ms = math.max(0, num(first[2], now) - now)
       if next_due < 0 or in_ms < next_due then next_due = in_ms end
     end
   end

@@ -18,7 +18,7 @@
 local worker, ttl_ms, n = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
 local breaker_open = redis.call('EXISTS', KEYS[3]) == 1
-local threshold = breaker_open and tonumber(redis.call('HGET', KEYS[5], 'failures') or '0') or 0
+local threshold = breaker_open and num(redis.call('HGET', KEYS[5], 'failures'), 0) or 0
 local resumed = false
 local codes = {}
 local done = 0
@@ -29,7 +29,7 @@ for i = 1, n do
     redis.call('ZREM', KEYS[1], id)
     if breaker_open then
       for _, key in ipairs(split_keys(redis.call('HGET', PREFIX .. id, 'rate_keys'))) do
-        local failures = tonumber(redis.call('HGET', KEYS[3], key) or '0')
+        local failures = num(redis.call('HGET', KEYS[3], key), 0)
         if failures > 0 then
           redis.call('HDEL', KEYS[3], key)
           if threshold > 0 and failures >= threshold then
@@ -50,9 +50,9 @@ for i = 1, n do
   end
 end
 if done > 0 then
-  redis.call('HINCRBY', KEYS[2], 'completed', done)
+  count_up(KEYS[2], 'completed', done)
 end
 if resumed then
-  redis.call('PUBLISH', WAKE, 1)
+  publish(WAKE, 1)
 end
 return codes

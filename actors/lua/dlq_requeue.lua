@@ -31,6 +31,6 @@ for _, id in ipairs(ids) do
   end
 end
 if requeued > 0 then
-  redis.call('PUBLISH', WAKE, requeued)
+  publish(WAKE, requeued)
 end
 return requeued

@@ -13,8 +13,7 @@
 -- ARGV[6] high watermark: the depth (pending + gated) no enqueue may pass
 -- ARGV[7] governor staleness (ms): older published state is ignored (fail open
 --         to the high watermark) so a dead governor cannot wedge the queue
--- ARGV[8] number of tasks n (at most 3,000: the ZADD of a batch unpacks 2n
---         arguments onto the Lua stack), then n groups of 6: request_id, request_json,
+-- ARGV[8] number of tasks n, then n groups of 6: request_id, request_json,
 --         priority, max_retries, expires_in_ms (0 = never), rate_keys ("" = none)
 --
 -- Returns {code, value}
@@ -28,6 +27,7 @@
 local gate_prefix, high, stale_ms = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local n = tonumber(ARGV[8])
 local now = now_ms()
+local ZADD_SLICE = 2000  -- ZADD arguments per call: 1,000 tasks (score, id)
 
 local fresh = {}
 local in_batch = {}  -- id -> request, for ids repeated within this call
@@ -53,21 +53,21 @@ end
 -- half-way would leave task records without a queue entry.
 
 -- Backpressure: the hard cap first, then the governor's published state.
-local depth = redis.call('ZCARD', KEYS[1]) + tonumber(redis.call('HGET', KEYS[3], 'gated') or '0')
+local depth = redis.call('ZCARD', KEYS[1]) + num(redis.call('HGET', KEYS[3], 'gated'), 0)
 local bp = redis.call('HMGET', KEYS[4], 'state', 'rate', 'updated_at', 'drain', 'tokens', 'tokens_at')
-local drain = math.max(tonumber(bp[4] or '0'), 1)
+local drain = math.max(num(bp[4], 0), 1)
 if depth + #fresh > high then
   return {2, math.min(60000, math.max(1000, (depth + #fresh - high) / drain * 1000)), 'closed'}
 end
 local tokens_left = nil  -- set when the throttle's token bucket pays for this batch
-if bp[1] and now - tonumber(bp[3]) <= stale_ms then
+if bp[1] and now - num(bp[3], 0) <= stale_ms then
   if bp[1] == 'closed' then
     return {2, 1000, 'closed'}
   elseif bp[1] == 'throttled' then
-    local rate = tonumber(bp[2])
+    local rate = math.max(num(bp[2], 0), 0.001)
     local burst = math.max(#fresh, rate / 10)
-    local tokens = tonumber(bp[5] or burst)
-    tokens = math.min(burst, tokens + (now - tonumber(bp[6] or now)) * rate / 1000)
+    local tokens = num(bp[5], burst)
+    tokens = math.min(burst, tokens + math.max(0, now - num(bp[6], now)) * rate / 1000)
     if tokens < #fresh then
       return {2, math.ceil((#fresh - tokens) / rate * 1000), 'throttled'}
     end
@@ -97,7 +97,7 @@ end
 -- fail (the task keys, the queue and the stats hash were type-checked above).
 -- One sequence number per task, drawn in one call for the whole batch.
 local seq = redis.call('INCRBY', KEYS[2], #fresh) - #fresh
-redis.call('HINCRBY', KEYS[3], 'enqueued', #fresh)
+count_up(KEYS[3], 'enqueued', #fresh)
 if tokens_left then
   redis.call('HSET', KEYS[4], 'tokens', tokens_left, 'tokens_at', now)
 end
@@ -133,12 +133,13 @@ for _, base in ipairs(fresh) do
   end
   -- Ids match REQUEST_ID_PATTERN (checked by the client): no JSON escaping needed.
   if events_wanted() then
-    redis.call('PUBLISH', EVENTS,
+    publish(EVENTS,
       '{"event":"task.enqueued","ts":' .. (now / 1000) .. ',"request_id":"' .. id .. '"}')
   end
 end
-if #ready > 0 then
-  redis.call('ZADD', KEYS[1], unpack(ready))
+-- In slices: unpack() puts every argument on Lua's stack, which holds ~8,000.
+for first = 1, #ready, ZADD_SLICE do
+  redis.call('ZADD', KEYS[1], unpack(ready, first, math.min(#ready, first + ZADD_SLICE - 1)))
 end
-redis.call('PUBLISH', WAKE, #fresh)
+publish(WAKE, #fresh)
 return {1, #fresh}

@@ -42,12 +42,14 @@ local max_retries = max_retries_of(redis.call('HGET', key, 'max_retries'))
 add_history(id, attempt, err, worker, now)
 redis.call('ZREM', KEYS[1], id)
 
-local threshold = tonumber(redis.call('HGET', KEYS[7], 'failures') or '0')
+local threshold = num(redis.call('HGET', KEYS[7], 'failures'), 0)
 if not permanent and threshold > 0 then
   for _, rate_key in ipairs(split_keys(redis.call('HGET', key, 'rate_keys'))) do
     if string.sub(rate_key, 1, 7) == 'domain:' then
-      if redis.call('HINCRBY', KEYS[5], rate_key, 1) >= threshold then
-        local cooldown = tonumber(redis.call('HGET', KEYS[7], 'cooldown_ms') or '30000')
+      local failures = num(redis.call('HGET', KEYS[5], rate_key), 0) + 1
+      redis.call('HSET', KEYS[5], rate_key, failures)
+      if failures >= threshold then
+        local cooldown = num(redis.call('HGET', KEYS[7], 'cooldown_ms'), 30000)
         redis.call('HSET', KEYS[6], rate_key, now + cooldown)
         emit('rate.paused', now, {request_id = id, key = rate_key, reason = 'circuit_breaker',
           seconds = cooldown / 1000})
@@ -59,7 +61,7 @@ end
 if permanent or tonumber(attempt) > max_retries then
   redis.call('ZADD', KEYS[3], now, id)
   finish(id, 'failed', nil, err, nil, now, ttl_ms)
-  redis.call('HINCRBY', KEYS[4], 'failed', 1)
+  count_up(KEYS[4], 'failed', 1)
   emit('task.failed', now, {request_id = id, worker_id = worker, attempt = tonumber(attempt), error = err})
   return {2, 0}
 end
@@ -68,8 +70,8 @@ local delay = math.min(backoff_max, backoff * 2 ^ (tonumber(attempt) - 1))
 delay = math.floor(math.min(backoff_max, delay * (0.75 + 0.5 * jitter)))
 redis.call('HSET', key, 'status', 'retrying')
 redis.call('ZADD', KEYS[2], now + delay, id)
-redis.call('HINCRBY', KEYS[4], 'retried', 1)
-redis.call('PUBLISH', WAKE, 'in:' .. delay)  -- idle workers wake when it is due
+count_up(KEYS[4], 'retried', 1)
+publish(WAKE, 'in:' .. delay)  -- idle workers wake when it is due
 emit('task.retrying', now,
   {request_id = id, worker_id = worker, attempt = tonumber(attempt), error = err, delay = delay / 1000})
 return {1, delay}

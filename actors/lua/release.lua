@@ -20,7 +20,7 @@ local worker, delay, reason, n = ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(A
 local now = now_ms()
 if ARGV[8] ~= '' then
   local until_ms = now + tonumber(ARGV[9])
-  if until_ms > tonumber(redis.call('HGET', KEYS[5], ARGV[8]) or '0') then
+  if until_ms > num(redis.call('HGET', KEYS[5], ARGV[8]), 0) then
     redis.call('HSET', KEYS[5], ARGV[8], until_ms)
     emit('rate.paused', now, {key = ARGV[8], reason = reason, seconds = tonumber(ARGV[9]) / 1000})
   end
@@ -31,7 +31,7 @@ for i = 1, n do
   if holds_lease(id, worker, attempt) then
     local key = PREFIX .. id
     redis.call('ZREM', KEYS[1], id)
-    redis.call('HINCRBY', key, 'attempt', -1)
+    redis.call('HSET', key, 'attempt', tonumber(attempt) - 1)
     redis.call('HDEL', key, 'worker')
     if delay > 0 then
       redis.call('HSET', key, 'status', 'retrying')
@@ -45,7 +45,7 @@ for i = 1, n do
   end
 end
 if released > 0 then
-  redis.call('HINCRBY', KEYS[4], 'requeued', released)
-  redis.call('PUBLISH', WAKE, delay == 0 and released or ('in:' .. delay))
+  count_up(KEYS[4], 'requeued', released)
+  publish(WAKE, delay == 0 and released or ('in:' .. delay))
 end
 return released

@@ -38,7 +38,7 @@ for _, id in ipairs(ids) do
     if (tonumber(f[2]) or 0) > max_retries_of(f[3]) then
       redis.call('ZADD', KEYS[3], now, id)
       finish(id, 'failed', nil, err, nil, now, ttl_ms)
-      redis.call('HINCRBY', KEYS[4], 'failed', 1)
+      count_up(KEYS[4], 'failed', 1)
       emit('task.failed', now, {request_id = id, worker_id = f[4], attempt = tonumber(f[2]), error = err})
       dead = dead + 1
     else
@@ -51,7 +51,7 @@ for _, id in ipairs(ids) do
   end
 end
 if requeued > 0 then
-  redis.call('HINCRBY', KEYS[4], 'requeued', requeued)
-  redis.call('PUBLISH', WAKE, requeued)
+  count_up(KEYS[4], 'requeued', requeued)
+  publish(WAKE, requeued)
 end
 return {requeued, dead}
