@@ -1,95 +1,56 @@
-"""Redis clients and the translation of redis-py errors into the public ones."""
+"""The one place that turns ``[redis]`` settings into connections, and the
+translation of Redis errors into the public exceptions.
+
+Two kinds of connection, both opened from one parsed :class:`RedisEndpoint`
+(so every URL option means the same on each): the multiplexed call
+connection (``actors/multiplexed.py``: scripts, reads, operator commands,
+pipelined on one socket) and pub/sub subscriptions
+(``actors/subscription.py``). docs/design.md says why scrapeq speaks RESP
+itself rather than through a client library.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
 
-import hiredis
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import (
-    AbstractConnection,
-    Connection,
-    SSLConnection,
-    UnixDomainSocketConnection,
-)
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
+from actors.endpoint import RedisEndpoint
 from actors.exceptions import BackpressureException, QueueConnectionException, ScriptError
+from actors.multiplexed import MultiplexedConnection
+from actors.subscription import Message, Subscription
 from config.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: How many times a client retries a command whose connection broke; the
-#: callers' loops back off further (actors/backoff.py), so a reset loop on the
-#: network does not turn into a reconnect storm.
+#: How many times a call is retried when its connection broke; the callers'
+#: loops back off further (actors/backoff.py), so a reset loop on the network
+#: does not turn into a reconnect storm. Retrying is safe for every script:
+#: enqueue and complete are idempotent by request id and lease, and a claim
+#: whose reply was lost only leaves a lease that expires and is requeued.
 RETRIES = 2
-#: Connections per client; callers beyond that wait for one.
-MAX_CONNECTIONS = 16
-#: How long a caller waits for a free connection.
-POOL_WAIT = 30.0
 
 
-class _HiredisPacking:
-    """Connection behaviour redis-py's asyncio connections lack.
-
-    Commands are packed with hiredis's C serializer (redis-py's asyncio
-    connections pack in Python, its sync ones with hiredis: for a script call
-    with two dozen arguments that was a quarter of the client's time), and a
-    write on a reset connection is reported as a lost connection.
-    """
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        try:
-            await super().send_packed_command(command, check_health)  # type: ignore[misc]
-        except RuntimeError as exc:
-            # uvloop raises RuntimeError, not ConnectionError, for a write on a
-            # connection the peer reset (MagicStack/uvloop#506); redis-py would
-            # neither retry it nor report it as a lost connection.
-            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
-            raise redis_errors.ConnectionError(f"connection lost while writing: {exc}") from exc
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        command = args[0]
-        if isinstance(command, str) and " " in command:  # "CONFIG GET" and the like
-            args = (*command.split(), *args[1:])
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as exc:
-            raise redis_errors.DataError(str(exc)) from exc
+def endpoint_of(settings: Settings) -> RedisEndpoint:
+    """The endpoint ``[redis] url`` names (the settings already validated it)."""
+    return RedisEndpoint.parse(settings.redis.url)
 
 
-_FAST_CONNECTIONS: dict[type[AbstractConnection], type[AbstractConnection]] = {
-    base: type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
-    for base in (Connection, UnixDomainSocketConnection, SSLConnection)
-}
+def open_calls(settings: Settings) -> MultiplexedConnection:
+    """The connection a process's calls share: scripts, reads, operator commands."""
+    return MultiplexedConnection(endpoint_of(settings), retries=RETRIES)
 
 
-def create_client(settings: Settings, *, max_connections: int = MAX_CONNECTIONS) -> Redis:
-    """A client for ``[redis] url`` that retries lost connections with jittered backoff.
-
-    Retrying is safe for every script: enqueue and complete are idempotent by
-    request id and lease, and a claim whose reply was lost only leaves a lease
-    that expires and is requeued. The pool is bounded and blocking: thousands
-    of concurrent calls share a handful of connections and queue for them
-    instead of failing with "too many connections".
-    """
-    pool = BlockingConnectionPool.from_url(
-        settings.redis.url,
-        max_connections=max_connections,
-        timeout=POOL_WAIT,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), RETRIES),
-        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
-        socket_connect_timeout=5,
-        socket_timeout=15,
-        socket_keepalive=True,
-        health_check_interval=30,
-    )
-    pool.connection_class = _FAST_CONNECTIONS.get(pool.connection_class, pool.connection_class)
-    return Redis.from_pool(pool)
+def open_subscription(
+    settings: Settings,
+    what: str,
+    on_message: Callable[[Message], None],
+    on_outage: Callable[[], None] | None = None,
+) -> Subscription:
+    """A pub/sub connection that resubscribes after every reconnect (``what`` names it in logs)."""
+    return Subscription(endpoint_of(settings), what, on_message, on_outage)
 
 
 def is_oom(error: redis_errors.ResponseError) -> bool:

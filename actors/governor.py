@@ -23,7 +23,9 @@ import time
 
 from actors.backoff import Outage
 from actors.base import Actor
+from actors.connection import translated_errors
 from actors.exceptions import QueueError
+from actors.queue import count_of
 from config.settings import BackpressureSettings
 
 logger = logging.getLogger(__name__)
@@ -71,12 +73,12 @@ class Governor(Actor):
         while not self.stop_requested.is_set():
             try:
                 if await store.hold_lock(keys.governor_lock, self.actor_id, LOCK_LEASE):
-                    pipe = self.queue.client.pipeline(transaction=False)
-                    pipe.zcard(keys.pending)
-                    pipe.hmget(keys.stats, ["gated", "started"])
-                    pending, (gated, started_raw) = await pipe.execute()
-                    depth = int(pending) + int(gated or 0)
-                    started, now = int(started_raw or 0), time.monotonic()
+                    with translated_errors():
+                        pending, (gated, started_raw) = await self.queue.connection.execute_many(
+                            ("ZCARD", keys.pending), ("HMGET", keys.stats, "gated", "started")
+                        )
+                    depth = pending + count_of(gated)
+                    started, now = count_of(started_raw), time.monotonic()
                     if last_started is not None and now > last_at:
                         sample = max(0, started - last_started) / (now - last_at)
                         drain += DRAIN_SMOOTHING * (sample - drain)

@@ -1,4 +1,8 @@
-"""Process-level safety for actor processes: they never outlive the supervisor."""
+"""Process-level safety: actor processes and the embedded redis-server never outlive
+the supervisor.
+
+Kept light (standard library only): supervisor/redis_server.py imports it too.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,57 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 #: After the parent dies, a child that has not stopped by itself is ended this fast.
 ORPHAN_GRACE = 1.5
 
 
-def die_with_parent(parent_pid: int, signum: int = signal.SIGUSR1) -> None:
-    """Ask the kernel to send ``signum`` when the parent dies (Linux).
+def libc_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` on Linux, else None (no parent-death signal there)."""
+    if sys.platform != "linux":
+        return None
+    prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
 
-    SIGUSR1 is the actors' "stop at once" signal: a worker hands its tasks
-    back before it exits. If the parent is already gone, exit now.
+
+def die_with_parent(
+    parent_pid: int,
+    signum: int = signal.SIGUSR1,
+    prctl: Callable[..., int] | None = None,
+) -> None:
+    """Ask the kernel to send ``signum`` to this process when its parent dies (Linux).
+
+    The one ``PR_SET_PDEATHSIG`` wrapper, for both kinds of child:
+
+    - an actor process calls it first thing (``actors/runtime.py``) with the
+      default SIGUSR1, the actors' "stop at once" signal: a worker hands its
+      tasks back before it exits;
+    - the embedded redis-server runs it between fork and exec (``preexec_fn``
+      in ``supervisor/redis_server.py``) with SIGKILL. There it must run as
+      little Python as possible, so the caller looks ``prctl`` up in the parent
+      (``libc_prctl()``) and passes it in; without one it is looked up here.
+
+    The kernel sends the signal when the *thread* that created the child exits,
+    not the process: the parent must start its children from a thread that
+    lives as long as they do (the main thread), never from a short-lived one
+    such as ``asyncio.to_thread``'s.
+
+    If the parent died before ``prctl`` took effect (the race between its
+    death and this call), no signal will ever come: the child sends itself
+    ``signum`` now, as the kernel would have, and exits should the signal be
+    ignored or handled.
     """
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
-    if os.getppid() != parent_pid:
+    if prctl is None:
+        prctl = libc_prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signum)
         os._exit(1)
 
 

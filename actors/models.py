@@ -23,14 +23,15 @@ from pydantic import (
     model_validator,
 )
 
+# Defined in actors/defaults.py (the settings use them too, without importing
+# the models); the ``as`` form re-exports them for mypy --strict.
+from actors.defaults import DEFAULT_MAX_RETRIES as DEFAULT_MAX_RETRIES  # noqa: PLC0414
+from actors.defaults import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT  # noqa: PLC0414
 from actors.exceptions import InvalidTaskException
 
 #: Request ids end up in key names: a safe charset and length only.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SCRIPT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
-#: Also the protocol's: a task record leaves max_retries out at this value
-#: (``DEFAULT_MAX_RETRIES`` in actors/lua/_lib.lua).
-DEFAULT_MAX_RETRIES = 3
 MAX_PRIORITY = 1000  # |priority| bound: keeps the queue score exact in a double
 FROM_JSON = "from_json"  # validation context flag: the input is parsed JSON
 STORED_ID = "stored_id"  # validation context: the id of a stored request (not in its JSON)
@@ -91,7 +92,7 @@ class ScrapingRequest(BaseModel):
     script_name: str = Field(pattern=SCRIPT_NAME_PATTERN)
     parameters: dict[str, Any] = Field(default_factory=dict)
     script_version: str | None = Field(default=None, max_length=64)
-    timeout: float = Field(default=300, gt=0, le=7 * 86400, allow_inf_nan=False)
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=7 * 86400, allow_inf_nan=False)
     priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
     expires_in: float | None = Field(default=None, gt=0, allow_inf_nan=False)

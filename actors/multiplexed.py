@@ -11,10 +11,10 @@ the order the commands were written. Concurrent callers are pipelined for free.
 A broken connection (reset, closed, or a call that timed out: its reply
 would arrive out of turn) fails every call in flight with redis-py's
 ``ConnectionError``/``TimeoutError``; the next call opens a new connection.
-Failed calls are retried ``RETRIES`` times with jittered backoff, as the
-pooled client does (``actors/connection.py`` says why every script may be).
-Error replies become redis-py's exception classes, so ``translated_errors``
-treats both clients alike.
+Failed calls are retried ``RETRIES`` times with jittered backoff
+(``actors/connection.py`` says why every script may be). Error replies become
+redis-py's exception classes, which ``translated_errors`` turns into the
+public ones.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
 from redis import exceptions as redis_errors
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+from actors.endpoint import RedisEndpoint
 
 #: Error reply prefixes with their own redis-py exception classes; the rest
 #: are plain ``ResponseError``s.
@@ -143,11 +143,11 @@ class RespProtocol(asyncio.Protocol):
 
 
 class MultiplexedConnection:
-    """Calls to one Redis (the ``[redis] url``) over a single pipelined connection."""
+    """Calls to one Redis endpoint over a single pipelined connection."""
 
     def __init__(
         self,
-        url: str,
+        endpoint: RedisEndpoint,
         *,
         retries: int,
         connect_timeout: float = 5.0,
@@ -155,7 +155,7 @@ class MultiplexedConnection:
         backoff_base: float = 0.1,
         backoff_cap: float = 2.0,
     ) -> None:
-        self._options = connect_options(url)
+        self._endpoint = endpoint
         self._retries = retries
         self._connect_timeout = connect_timeout
         self._call_timeout = call_timeout
@@ -185,6 +185,10 @@ class MultiplexedConnection:
                 attempt += 1
                 ceiling = min(self._backoff_cap, self._backoff_base * 2**attempt)
                 await asyncio.sleep(random.uniform(0, ceiling))
+
+    async def execute_many(self, *commands: Sequence[Any]) -> list[Any]:
+        """Run commands pipelined (all written before any reply is awaited); replies in order."""
+        return list(await asyncio.gather(*(self.execute(*command) for command in commands)))
 
     async def evalsha(self, sha: str, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a script by its SHA, loading it first if Redis does not know it (yet)."""
@@ -225,38 +229,35 @@ class MultiplexedConnection:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._protocol is None or self._protocol.broken is not None:
-                self._protocol = await open_protocol(self._options, self._connect_timeout)
+                self._protocol = await open_protocol(self._endpoint, self._connect_timeout)
                 self._watch(self._protocol)
             return self._protocol
 
 
-def connect_options(url: str) -> dict[str, Any]:
-    """Where and how to connect, from a ``redis://``, ``rediss://`` or ``unix://`` URL."""
-    return dict(parse_url(url))
-
-
-async def open_protocol(options: dict[str, Any], timeout: float) -> RespProtocol:
-    """A connected, authenticated protocol on the right database."""
+async def open_protocol(endpoint: RedisEndpoint, timeout: float) -> RespProtocol:
+    """A connected protocol, authenticated and on the right database: every connection's start."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            if options.get("connection_class") is UnixDomainSocketConnection:
-                _, protocol = await loop.create_unix_connection(RespProtocol, options["path"])
+            if endpoint.path is not None:
+                _, protocol = await loop.create_unix_connection(RespProtocol, endpoint.path)
             else:
                 _, protocol = await loop.create_connection(
                     RespProtocol,
-                    options.get("host", "localhost"),
-                    options.get("port", 6379),
-                    ssl=_tls_context(options),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=endpoint.tls.context() if endpoint.tls else None,
                 )
-    except (OSError, TimeoutError) as exc:
-        raise redis_errors.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError: a refused certificate
+        raise redis_errors.ConnectionError(
+            f"cannot connect to Redis at {endpoint.address}: {exc}"
+        ) from exc
     setup: list[tuple[Any, ...]] = []
-    if options.get("password") is not None:
-        credentials = [options["username"]] if options.get("username") else []
-        setup.append(("AUTH", *credentials, options["password"]))
-    if options.get("db"):
-        setup.append(("SELECT", options["db"]))
+    if endpoint.password is not None:
+        credentials = [endpoint.username] if endpoint.username else []
+        setup.append(("AUTH", *credentials, endpoint.password))
+    if endpoint.db:
+        setup.append(("SELECT", endpoint.db))
     try:
         async with asyncio.timeout(timeout):
             for command in setup:
@@ -267,15 +268,3 @@ async def open_protocol(options: dict[str, Any], timeout: float) -> RespProtocol
             raise redis_errors.TimeoutError("no reply from Redis to AUTH/SELECT") from exc
         raise
     return protocol
-
-
-def _tls_context(options: dict[str, Any]) -> ssl.SSLContext | None:
-    if options.get("connection_class") is not SSLConnection:
-        return None
-    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
-    if options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if options.get("ssl_certfile"):
-        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
-    return context

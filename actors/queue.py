@@ -16,9 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
-from actors.connection import RETRIES, create_client, translated_errors
+from actors.connection import open_calls, translated_errors
 from actors.exceptions import (
     InvalidTaskException,
     QueueConnectionException,
@@ -53,7 +51,6 @@ class RedisQueue:
     def __init__(self, settings: Settings, queue: str = "default") -> None:
         self.settings = settings
         self.keys = KeySpace(settings.redis.key_prefix, queue)
-        self._client: Redis | None = None
         self._connection: MultiplexedConnection | None = None
         self._store: TaskStore | None = None
         self._hub: ResponseHub | None = None
@@ -63,15 +60,18 @@ class RedisQueue:
         self.leases: dict[str, tuple[str, int]] = {}
 
     async def connect(self) -> None:
-        if self._client is not None:
+        if self._connection is not None:
             return
-        client = create_client(self.settings)
-        with translated_errors():
-            await client.ping()
-        self._client = client
-        self._connection = MultiplexedConnection(self.settings.redis.url, retries=RETRIES)
-        self._store = TaskStore(self._connection, self.keys, self.settings)
-        self._hub = ResponseHub(self.settings.redis.url, self.keys, self.read_responses)
+        connection = open_calls(self.settings)
+        try:
+            with translated_errors():
+                await connection.execute("PING")
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection = connection
+        self._store = TaskStore(connection, self.keys, self.settings)
+        self._hub = ResponseHub(self.settings, self.keys, self.read_responses)
 
     async def close(self) -> None:
         if self._hub is not None:
@@ -80,9 +80,7 @@ class RedisQueue:
             await self._wakeup.close()
         if self._connection is not None:
             await self._connection.close()
-        if self._client is not None:
-            await self._client.aclose()
-        self._client = self._connection = self._store = self._hub = self._wakeup = None
+        self._connection = self._store = self._hub = self._wakeup = None
 
     async def __aenter__(self) -> RedisQueue:
         await self.connect()
@@ -92,14 +90,8 @@ class RedisQueue:
         await self.close()
 
     @property
-    def client(self) -> Redis:
-        if self._client is None:
-            raise QueueConnectionException("RedisQueue is not connected: call connect() first")
-        return self._client
-
-    @property
     def connection(self) -> MultiplexedConnection:
-        """The connection the scripts and the hot reads share (many calls at once)."""
+        """The connection every call of this queue shares (scripts, reads; many at once)."""
         if self._connection is None:
             raise QueueConnectionException("RedisQueue is not connected: call connect() first")
         return self._connection
@@ -222,7 +214,7 @@ class RedisQueue:
             if claim.wait_ms >= 0:
                 remaining = min(remaining, claim.wait_ms / 1000)
             if self._wakeup is None:
-                self._wakeup = Wakeup(self.settings.redis.url, self.keys.wake)
+                self._wakeup = Wakeup(self.settings, self.keys.wake)
             await self._wakeup.wait(remaining)
 
     async def decode_lease(self, worker_id: str, lease: Lease) -> ScrapingRequest | None:
@@ -300,8 +292,8 @@ class TaskManager:
     async def _current_lease(self, request_id: str) -> tuple[str, int] | None:
         """The lease of a running task dequeued by another process (unfenced report)."""
         with translated_errors():
-            fields: Any = await self.queue.client.hmget(
-                self.queue.keys.task(request_id), ["status", "worker", "attempt"]
+            fields: Any = await self.queue.connection.execute(
+                "HMGET", self.queue.keys.task(request_id), "status", "worker", "attempt"
             )
         status, worker, attempt = fields
         if status != b"running" or worker is None or attempt is None:
@@ -324,7 +316,9 @@ class TaskManager:
     async def get_task(self, request_id: str) -> dict[str, Any] | None:
         """Everything stored about one task (for operators), or None."""
         with translated_errors():
-            record: Any = await self.queue.client.hgetall(self.queue.keys.task(request_id))
+            record = as_dict(
+                await self.queue.connection.execute("HGETALL", self.queue.keys.task(request_id))
+            )
         return decode_record(record) if record else None
 
     async def cleanup_old_tasks(self) -> int:
@@ -339,16 +333,16 @@ class TaskManager:
     async def list_dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest dead letters: request, last error, attempt history."""
         keys = self.queue.keys
+        connection = self.queue.connection
         with translated_errors():
-            ids: list[bytes] = cast(
-                list[bytes], await self.queue.client.zrevrange(keys.dead, 0, max(0, limit - 1))
+            ids: list[bytes] = await connection.execute(
+                "ZRANGE", keys.dead, 0, max(0, limit - 1), "REV"
             )
-            pipe = self.queue.client.pipeline(transaction=False)
-            for request_id in ids:
-                pipe.hgetall(keys.task(request_id.decode()))
-            records = await pipe.execute()
+            records = await connection.execute_many(
+                *(("HGETALL", keys.task(rid.decode())) for rid in ids)
+            )
         return [
-            decode_record(record) | {"request_id": rid.decode()}
+            decode_record(as_dict(record)) | {"request_id": rid.decode()}
             for rid, record in zip(ids, records, strict=True)
             if record
         ]
@@ -366,24 +360,25 @@ class TaskManager:
     async def paused_keys(self) -> dict[str, float]:
         """Rate keys paused now (HTTP 429 or circuit breaker): key -> seconds left."""
         with translated_errors():
-            now_ms = await redis_time_ms(self.queue.client)
-            fields: Any = await self.queue.client.hgetall(self.queue.keys.paused)
+            time, fields = await self.queue.connection.execute_many(
+                ("TIME",), ("HGETALL", self.queue.keys.paused)
+            )
+        now_ms = time_ms(time)
         return {
-            key.decode(): (int(until) - now_ms) / 1000
-            for key, until in fields.items()
-            if int(until) > now_ms
+            key.decode(): (until - now_ms) / 1000
+            for key, until in numbers(as_dict(fields)).items()
+            if until > now_ms
         }
 
     async def queue_stats(self) -> dict[str, int]:
         """Counts per state: current depths and monotonic totals."""
         keys = self.queue.keys
         with translated_errors():
-            pipe = self.queue.client.pipeline(transaction=False)
-            for key in (keys.pending, keys.running, keys.delayed, keys.dead):
-                pipe.zcard(key)
-            pipe.hgetall(keys.stats)
-            pending, running, retrying, dead, totals = await pipe.execute()
-        counters = {k.decode(): int(v) for k, v in totals.items()}
+            pending, running, retrying, dead, totals = await self.queue.connection.execute_many(
+                *(("ZCARD", key) for key in (keys.pending, keys.running, keys.delayed, keys.dead)),
+                ("HGETALL", keys.stats),
+            )
+        counters = {k.decode(): v for k, v in numbers(as_dict(totals)).items()}
         gated = counters.get("gated", 0)
         return {
             "pending": pending + gated,
@@ -395,13 +390,36 @@ class TaskManager:
             "cancelled": counters.get("cancelled", 0),
             "enqueued": counters.get("enqueued", 0),
             "gated": gated,  # pending, but waiting for a rate-limited key
+            "repaired": counters.get("repaired", 0),  # found in no set by the reaper's sweep
         }
 
+    async def backpressure_fields(self) -> dict[bytes, bytes]:
+        """The governor's published state (``state``, ``depth``, ``rate``, ...), as stored."""
+        with translated_errors():
+            return as_dict(
+                await self.queue.connection.execute("HGETALL", self.queue.keys.backpressure)
+            )
 
-async def redis_time_ms(client: Redis) -> int:
-    """The Redis server's clock in ms (the one leases and pauses are measured on)."""
-    seconds, micros = await client.time()
+
+def time_ms(reply: list[bytes]) -> int:
+    """A TIME reply in ms: the Redis clock, the one leases and pauses are measured on."""
+    seconds, micros = reply
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def as_dict(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An HGETALL reply (field, value, field, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def numbers(fields: dict[bytes, bytes]) -> dict[bytes, int]:
+    """The integer fields of a hash; a value damaged from outside reads as absent."""
+    return {k: int(v) for k, v in fields.items() if v.lstrip(b"-").isdigit()}
+
+
+def count_of(raw: bytes | None) -> int:
+    """A counter as stored (absent, or damaged from outside: 0; the scripts restart it)."""
+    return int(raw) if raw is not None and raw.lstrip(b"-").isdigit() else 0
 
 
 def decode_record(record: dict[bytes, bytes]) -> dict[str, Any]:
@@ -436,28 +454,26 @@ class WorkerMonitor:
 
     async def increment_task_counter(self, worker_id: str, count: int = 1) -> None:
         with translated_errors():
-            await self.queue.client.hincrby(
-                self.queue.keys.worker(worker_id), "tasks_processed", count
+            await self.queue.connection.execute(
+                "HINCRBY", self.queue.keys.worker(worker_id), "tasks_processed", count
             )
 
     async def get_active_workers(self) -> list[dict[str, Any]]:
         """Every known worker; ``status`` is ``inactive`` once its heartbeat is overdue."""
         keys = self.queue.keys
         timeout_ms = self.queue.settings.heartbeat.timeout * 1000
+        connection = self.queue.connection
         with translated_errors():
-            now_ms = await redis_time_ms(self.queue.client)
-            ids: list[bytes] = cast(
-                list[bytes], await self.queue.client.zrange(keys.workers, 0, -1)
+            time, ids = await connection.execute_many(("TIME",), ("ZRANGE", keys.workers, 0, -1))
+            records = await connection.execute_many(
+                *(("HGETALL", keys.worker(worker_id.decode())) for worker_id in ids)
             )
-            pipe = self.queue.client.pipeline(transaction=False)
-            for worker_id in ids:
-                pipe.hgetall(keys.worker(worker_id.decode()))
-            records = await pipe.execute()
+        now_ms = time_ms(time)
         workers = []
         for record in records:
             if not record:
                 continue
-            info: dict[str, Any] = {k.decode(): v.decode() for k, v in record.items()}
+            info: dict[str, Any] = {k.decode(): v.decode() for k, v in as_dict(record).items()}
             last = int(info.get("last_heartbeat", 0))
             if now_ms - last > timeout_ms:
                 info["status"] = "inactive"
@@ -467,6 +483,17 @@ class WorkerMonitor:
                     info[field] = int(info[field])
             workers.append(info)
         return workers
+
+    async def liveness(self) -> dict[str, int]:
+        """How many known workers are ``active`` and ``inactive`` (heartbeat overdue)."""
+        timeout_ms = self.queue.settings.heartbeat.timeout * 1000
+        with translated_errors():
+            time, beats = await self.queue.connection.execute_many(
+                ("TIME",), ("ZRANGE", self.queue.keys.workers, 0, -1, "WITHSCORES")
+            )
+        cutoff = time_ms(time) - timeout_ms
+        active = sum(1 for last in beats[1::2] if float(last) >= cutoff)
+        return {"active": active, "inactive": len(beats) // 2 - active}
 
     async def cleanup_inactive_workers(self) -> int:
         """Mark silent workers lost and forget long-gone ones; returns how many were forgotten."""

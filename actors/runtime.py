@@ -24,6 +24,7 @@ from actors.reaper import Reaper
 from actors.scripts import import_script_modules
 from actors.worker import Worker
 from config.settings import ConfigError, Settings
+from supervisor.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,8 @@ class ActorSpec:
 
 
 def configure_child_logging(actor_id: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s [{actor_id}] %(message)s",
-        stream=sys.stderr,
-    )
+    """The supervisor's log format and setup (supervisor/logs.py), naming the actor."""
+    configure_logging("INFO", source=actor_id)
 
 
 def run_actor(spec: ActorSpec) -> int:

@@ -37,6 +37,7 @@ SCRIPT_NAMES = (
     "heartbeat",
     "lock",
     "mark_lost",
+    "promote",
     "release",
     "renew",
     "repair",
@@ -64,6 +65,59 @@ class EnqueueItem(NamedTuple):
     rate_keys: str  # space-separated rate keys ("" = none)
 
 
+#: The KEYS of every script, in the order the script reads them: the wiring
+#: between ``TaskStore`` and ``actors/lua``, declared once. A name is a
+#: ``KeySpace`` attribute; a name in angle brackets is a key only the call
+#: knows (a worker's hash, which lock), passed to ``script_keys`` by that name.
+#: Each script's header repeats this list as ``-- KEYS[n] name`` lines, and
+#: tests/test_script_wiring.py checks the two agree, so editing one without
+#: the other fails a test instead of handing a script the wrong key.
+SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
+    "backpressure": ("backpressure",),
+    "cancel": ("pending", "delayed", "running", "stats"),
+    "claim": (
+        "pending",
+        "running",
+        "delayed",
+        "stats",
+        "limits",
+        "rate_state",
+        "paused",
+        "breaker",
+        "gates",
+        "breaker_settings",
+        "dead",
+    ),
+    "cleanup": ("dead", "workers"),
+    "complete": ("running", "stats", "breaker", "paused", "breaker_settings", "gates"),
+    "dlq_purge": ("dead",),
+    "dlq_requeue": ("dead", "pending"),
+    "enqueue": ("pending", "seq", "stats", "backpressure", "limits", "paused", "gates"),
+    "fail": ("running", "delayed", "dead", "stats", "breaker", "paused", "breaker_settings"),
+    "heartbeat": ("workers", "<worker>"),
+    "lock": ("<lock>",),
+    "mark_lost": ("workers",),
+    "promote": ("pending", "delayed"),
+    "release": ("running", "pending", "delayed", "stats", "paused"),
+    "renew": ("running",),
+    "repair": ("pending", "running", "delayed", "dead", "stats"),
+    "requeue_leases": ("running", "pending", "dead", "stats"),
+    "set_limits": ("limits", "breaker_settings"),
+}
+
+
+def script_keys(keys: KeySpace, name: str, **call_keys: str) -> list[str]:
+    """The KEYS of one call of script ``name``, in the order ``SCRIPT_KEYS`` declares.
+
+    ``call_keys`` fills the names in angle brackets: ``script_keys(keys,
+    "lock", lock=keys.reaper_lock)``.
+    """
+    return [
+        call_keys[attr[1:-1]] if attr.startswith("<") else getattr(keys, attr)
+        for attr in SCRIPT_KEYS[name]
+    ]
+
+
 def enqueue_call(
     keys: KeySpace, items: Sequence[EnqueueItem], high_watermark: int, stale_ms: int
 ) -> tuple[list[str], list[Any]]:
@@ -71,15 +125,7 @@ def enqueue_call(
     args: list[Any] = [keys.gate_prefix, high_watermark, stale_ms, len(items)]
     for item in items:
         args += item  # the six fields, in the order enqueue.lua reads them
-    return [
-        keys.pending,
-        keys.seq,
-        keys.stats,
-        keys.backpressure,
-        keys.limits,
-        keys.paused,
-        keys.gates,
-    ], args
+    return script_keys(keys, "enqueue"), args
 
 
 def _with_sha(source: str) -> tuple[str, str]:
@@ -120,7 +166,11 @@ class FailOutcome(IntEnum):
 
 
 class TaskStore:
-    """One async method per Lua script, with typed arguments and results."""
+    """One async method per Lua script, with typed arguments and results.
+
+    Every method runs its script through ``_call``, which takes the script's
+    KEYS from ``SCRIPT_KEYS``: no method names keys of its own.
+    """
 
     def __init__(
         self, connection: MultiplexedConnection, keys: KeySpace, settings: Settings
@@ -128,6 +178,12 @@ class TaskStore:
         self._connection = connection
         self.keys = keys
         self._context = keys.script_context()
+        # The KEYS of every script that needs none from the call, built once.
+        self._script_keys = {
+            name: script_keys(keys, name)
+            for name, wiring in SCRIPT_KEYS.items()
+            if not any(attr.startswith("<") for attr in wiring)
+        }
         tasks = settings.tasks
         self._ttl_ms = int(tasks.result_ttl * 1000)
         self._backoff_ms = int(tasks.retry_backoff * 1000)
@@ -140,6 +196,11 @@ class TaskStore:
         sha, source = _SCRIPTS[name]
         with translated_errors():
             return await self._connection.evalsha(sha, source, keys, [*self._context, *args])
+
+    async def _call(self, name: str, args: Sequence[Any], **call_keys: str) -> Any:
+        """Run script ``name`` with its declared KEYS (``SCRIPT_KEYS``) and its own ARGV."""
+        keys = script_keys(self.keys, name, **call_keys) if call_keys else self._script_keys[name]
+        return await self._run(name, keys, args)
 
     async def enqueue(self, items: Sequence[EnqueueItem]) -> int:
         """Store tasks, all or none; returns how many were new.
@@ -157,23 +218,17 @@ class TaskStore:
         return value
 
     async def claim(self, worker_id: str, count: int, promote_limit: int = 100) -> ClaimResult:
-        k = self.keys
-        reply = await self._run(
+        """Lease up to ``count`` tasks, after promoting at most ``promote_limit`` due retries."""
+        reply = await self._call(
             "claim",
             [
-                k.pending,
-                k.running,
-                k.delayed,
-                k.stats,
-                k.limits,
-                k.rate_state,
-                k.paused,
-                k.breaker,
-                k.gates,
-                k.breaker_settings,
-                k.dead,
+                worker_id,
+                count,
+                self.lease_ms,
+                promote_limit,
+                self._ttl_ms,
+                self.keys.gate_prefix,
             ],
-            [worker_id, count, self.lease_ms, promote_limit, self._ttl_ms, k.gate_prefix],
         )
         leases = [
             Lease(reply[i].decode(), int(reply[i + 1]), reply[i + 2])
@@ -181,28 +236,27 @@ class TaskStore:
         ]
         return ClaimResult(leases, int(reply[0]))
 
-    async def promote_due(self, limit: int = 1000) -> None:
-        """Move retries whose backoff is over back to pending (a claim of 0 tasks)."""
-        await self.claim("", 0, promote_limit=limit)
+    async def promote_due(self, limit: int = 1000) -> int:
+        """Move retries whose backoff is over back to pending; returns how many (promote.lua).
+
+        Every claim promotes as well; the reaper calls this too, so due
+        retries reach pending even while no worker claims (all busy, or none).
+        """
+        return int(await self._call("promote", [limit]))
 
     async def complete(self, worker_id: str, results: Sequence[Completion]) -> list[bool]:
         args: list[Any] = [worker_id, self._ttl_ms, len(results)]
         for r in results:
             args += [r.request_id, r.attempt, r.data_json, repr(r.execution_time)]
-        k = self.keys
-        codes = await self._run(
-            "complete", [k.running, k.stats, k.breaker, k.paused, k.breaker_settings, k.gates], args
-        )
+        codes = await self._call("complete", args)
         return [code == 1 for code in codes]
 
     async def fail(
         self, worker_id: str, request_id: str, attempt: int, error: str, *, permanent: bool
     ) -> tuple[FailOutcome, float]:
         """Report a failed attempt; returns the outcome and the retry delay in seconds."""
-        k = self.keys
-        code, delay_ms = await self._run(
+        code, delay_ms = await self._call(
             "fail",
-            [k.running, k.delayed, k.dead, k.stats, k.breaker, k.paused, k.breaker_settings],
             [
                 worker_id,
                 request_id,
@@ -222,7 +276,7 @@ class TaskStore:
         args: list[Any] = [worker_id, self.lease_ms, len(leases)]
         for request_id, attempt in leases:
             args += [request_id, attempt]
-        lost = await self._run("renew", [self.keys.running], args)
+        lost = await self._call("renew", args)
         return [item.decode() for item in lost]
 
     async def release(
@@ -250,10 +304,7 @@ class TaskStore:
         ]
         for request_id, attempt in leases:
             args += [request_id, attempt]
-        k = self.keys
-        return int(
-            await self._run("release", [k.running, k.pending, k.delayed, k.stats, k.paused], args)
-        )
+        return int(await self._call("release", args))
 
     async def requeue_expired(self, limit: int = 1000) -> tuple[int, int]:
         """Take back leases past their deadline; returns (requeued, dead-lettered)."""
@@ -264,22 +315,12 @@ class TaskStore:
         return await self._requeue_leases("worker", worker_id)
 
     async def _requeue_leases(self, selector: str, target: str) -> tuple[int, int]:
-        k = self.keys
-        requeued, dead = await self._run(
-            "requeue_leases",
-            [k.running, k.pending, k.dead, k.stats],
-            [selector, target, self._ttl_ms],
-        )
+        requeued, dead = await self._call("requeue_leases", [selector, target, self._ttl_ms])
         return int(requeued), int(dead)
 
     async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
-        k = self.keys
         return bool(
-            await self._run(
-                "cancel",
-                [k.pending, k.delayed, k.running, k.stats],
-                [request_id, reason, self._ttl_ms, k.gate_prefix],
-            )
+            await self._call("cancel", [request_id, reason, self._ttl_ms, self.keys.gate_prefix])
         )
 
     async def scan_tasks(self, cursor: int, count: int) -> tuple[int, list[str]]:
@@ -293,29 +334,21 @@ class TaskStore:
 
     async def repair(self, request_ids: Sequence[str]) -> list[str]:
         """Put records that sit in no queue set back where their status says (repair.lua)."""
-        k = self.keys
-        repaired = await self._run(
-            "repair",
-            [k.pending, k.running, k.delayed, k.dead, k.stats],
-            [k.gate_prefix, self._ttl_ms, *request_ids],
-        )
+        repaired = await self._call("repair", [self.keys.gate_prefix, self._ttl_ms, *request_ids])
         return [item.decode() for item in repaired]
 
     async def dlq_requeue(self, request_ids: Sequence[str] | None) -> int:
         """Requeue the given dead letters, or all of them when ``request_ids`` is None."""
         args = ["all"] if request_ids is None else ["ids", *request_ids]
-        return int(await self._run("dlq_requeue", [self.keys.dead, self.keys.pending], args))
+        return int(await self._call("dlq_requeue", args))
 
     async def dlq_purge(self) -> int:
-        return int(await self._run("dlq_purge", [self.keys.dead], []))
+        return int(await self._call("dlq_purge", []))
 
     async def cleanup(self) -> tuple[int, int]:
         """Retention; returns (dead letters removed, workers forgotten)."""
-        k = self.keys
-        removed, forgotten = await self._run(
-            "cleanup",
-            [k.dead, k.workers],
-            [self._ttl_ms, WORKER_FORGET_MS, k.worker_prefix],
+        removed, forgotten = await self._call(
+            "cleanup", [self._ttl_ms, WORKER_FORGET_MS, self.keys.worker_prefix]
         )
         return int(removed), int(forgotten)
 
@@ -326,21 +359,19 @@ class TaskStore:
         args: list[Any] = [worker_id, "register" if register else "beat", len(fields)]
         for name, value in fields.items():
             args += [name, value]
-        k = self.keys
-        return int(await self._run("heartbeat", [k.workers, k.worker(worker_id)], args))
+        return int(await self._call("heartbeat", args, worker=self.keys.worker(worker_id)))
 
     async def mark_lost(self, timeout: float) -> list[str]:
         """Flip silent workers to inactive; returns the ones newly lost."""
-        k = self.keys
-        lost = await self._run("mark_lost", [k.workers], [int(timeout * 1000), k.worker_prefix])
+        lost = await self._call("mark_lost", [int(timeout * 1000), self.keys.worker_prefix])
         return [item.decode() for item in lost]
 
     async def hold_lock(self, key: str, owner: str, lease: float) -> bool:
         """Take or renew a singleton lease; True while ``owner`` holds it."""
-        return bool(await self._run("lock", [key], [owner, int(lease * 1000), "acquire"]))
+        return bool(await self._call("lock", [owner, int(lease * 1000), "acquire"], lock=key))
 
     async def release_lock(self, key: str, owner: str) -> None:
-        await self._run("lock", [key], [owner, 0, "release"])
+        await self._call("lock", [owner, 0, "release"], lock=key)
 
     async def set_limits(self, settings: Settings) -> int:
         """Publish ``[rate_limits]`` and ``[circuit_breaker]`` for every host."""
@@ -352,12 +383,9 @@ class TaskStore:
         ]
         for key, rate in settings.rate_limits.items():
             args += [key, rate]
-        k = self.keys
-        return int(await self._run("set_limits", [k.limits, k.breaker_settings], args))
+        return int(await self._call("set_limits", args))
 
     async def publish_backpressure(self, state: str, depth: int, rate: float, drain: float) -> str:
         """Publish the governor's state; returns the previous one ("" if none)."""
-        previous = await self._run(
-            "backpressure", [self.keys.backpressure], [state, depth, repr(rate), repr(drain)]
-        )
+        previous = await self._call("backpressure", [state, depth, repr(rate), repr(drain)])
         return str(previous.decode())

@@ -25,7 +25,8 @@ import hiredis
 from redis import exceptions as redis_errors
 
 from actors.backoff import Outage
-from actors.multiplexed import RespProtocol, connect_options, open_protocol
+from actors.endpoint import RedisEndpoint
+from actors.multiplexed import RespProtocol, open_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,12 @@ _KINDS = frozenset({b"message", b"subscribe", b"unsubscribe"})
 class Subscription:
     def __init__(
         self,
-        url: str,
+        endpoint: RedisEndpoint,
         what: str,
         on_message: Callable[[Message], None],
         on_outage: Callable[[], None] | None = None,
     ) -> None:
-        self._options = connect_options(url)
+        self._endpoint = endpoint
         self._outage = Outage(what, logger)
         self._on_message = on_message
         self._on_outage = on_outage
@@ -92,7 +93,7 @@ class Subscription:
     async def _run(self) -> None:
         while not self._closing:
             try:
-                protocol = await open_protocol(self._options, CONNECT_TIMEOUT)
+                protocol = await open_protocol(self._endpoint, CONNECT_TIMEOUT)
             except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
                 await self._broken(exc)
                 continue

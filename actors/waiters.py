@@ -15,9 +15,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from actors.connection import open_subscription
 from actors.exceptions import QueueError
 from actors.keys import KeySpace
-from actors.subscription import Message, Subscription
+from actors.subscription import Message
+from config.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +30,11 @@ ResponsesReader = Callable[[Sequence[str]], Awaitable[list[bytes | None]]]
 class ResponseHub:
     """Fan-in of ``done:<id>`` channels for all the waits of one process."""
 
-    def __init__(self, url: str, keys: KeySpace, read_responses: ResponsesReader) -> None:
+    def __init__(self, settings: Settings, keys: KeySpace, read_responses: ResponsesReader) -> None:
         self._keys = keys
         self._prefix = keys.done_prefix.encode()
         self._read_responses = read_responses
-        self._subscription = Subscription(url, "응답 구독", self._on_message)
+        self._subscription = open_subscription(settings, "응답 구독", self._on_message)
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
         self._to_check: set[str] = set()
         self._checker: asyncio.Task[None] | None = None

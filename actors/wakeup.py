@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from actors.subscription import Message, Subscription
+from actors.connection import open_subscription
+from actors.subscription import Message
+from config.settings import Settings
 
 
 class Wakeup:
     """One subscription to the wake channel, shared by a process's consumers."""
 
-    def __init__(self, url: str, channel: str) -> None:
+    def __init__(self, settings: Settings, channel: str) -> None:
         self._channel = channel
         self._event = asyncio.Event()
         # An outage wakes consumers too: they fall back to claiming.
-        self._subscription = Subscription(
-            url, "작업 알림 구독", self._on_message, on_outage=self._event.set
+        self._subscription = open_subscription(
+            settings, "작업 알림 구독", self._on_message, on_outage=self._event.set
         )
         self._started = False
 

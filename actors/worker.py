@@ -90,7 +90,7 @@ class Worker(Actor):
             self.request_stop()
 
     async def on_start(self) -> None:
-        self.wakeup = Wakeup(self.settings.redis.url, self.queue.keys.wake)
+        self.wakeup = Wakeup(self.settings, self.queue.keys.wake)
         await self.wakeup.start()
         await self.monitor.register_worker(self.actor_id, **self._vitals())
         logger.info("%s: 워커 시작 (동시 실행 %d)", self.actor_id, self.concurrency)

@@ -24,13 +24,13 @@ import asyncio
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from actors.models import ScrapingRequest
 from actors.queue import RedisQueue, TaskManager
 from actors.store import Completion
 from bench.common import private_redis
 from config.settings import Settings
+from supervisor.redis_checks import info_field
 
 #: Rate limits per set-up; None publishes nothing at all.
 SETUPS: dict[str, dict[str, float] | None] = {
@@ -50,8 +50,8 @@ class Sample:
 
 
 async def redis_cpu(queue: RedisQueue) -> float:
-    info: Any = await queue.client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    info = await queue.connection.execute("INFO", "cpu")
+    return float(info_field(info, "used_cpu_user")) + float(info_field(info, "used_cpu_sys"))
 
 
 async def claim_until_empty(queue: RedisQueue, worker: str) -> int:
@@ -83,7 +83,7 @@ async def measure(url: str, setup: str, tasks: int, claimers: int) -> Sample:
         for n in range(tasks)
     ]
     async with RedisQueue(settings) as queue:
-        await queue.client.flushall()
+        await queue.connection.execute("FLUSHALL")
         if limits is not None:
             await queue.store.set_limits(settings)
         started = time.perf_counter()

@@ -23,13 +23,13 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from actors.models import ScrapingRequest
 from actors.queue import RedisQueue, TaskManager
 from actors.store import Completion
 from bench.common import private_redis
 from config.settings import Settings
+from supervisor.redis_checks import info_field
 
 DEFAULT_SIZES = (100, 1_000, 100_000, 1_000_000)
 #: Requests built and enqueued per enqueue_many call while filling.
@@ -50,8 +50,7 @@ def small_task(number: int) -> ScrapingRequest:
 
 
 async def used_memory(queue: RedisQueue) -> int:
-    info: Any = await queue.client.info("memory")
-    return int(info["used_memory"])
+    return int(info_field(await queue.connection.execute("INFO", "memory"), "used_memory"))
 
 
 async def median_us(operation: Callable[[], Awaitable[object]], samples: int) -> float:
@@ -65,7 +64,7 @@ async def median_us(operation: Callable[[], Awaitable[object]], samples: int) ->
 
 async def measure(queue: RedisQueue, size: int, samples: int) -> Row:
     """Fill an empty queue with ``size`` pending tasks and time the two operations."""
-    await queue.client.flushall()
+    await queue.connection.execute("FLUSHALL")
     baseline = await used_memory(queue)
     request_bytes = 0
     for start in range(0, size, FILL_BATCH):

@@ -43,6 +43,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from actors.defaults import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from actors.endpoint import RedisEndpoint, redacted
+
 CONFIG_ENV = "SUPERVISOR_CONFIG"
 
 # Seed env names that set one key each (the Redis URL parts are composed apart).
@@ -89,14 +92,9 @@ class RedisSettings(_Section):
 
     @field_validator("url")
     @classmethod
-    def _known_scheme(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        if parts.scheme == "unix" and not parts.path:
-            raise ValueError("a unix:// URL needs a socket path")
-        if parts.scheme != "unix":
-            _ = parts.port  # raises ValueError for a malformed port
+    def _usable_url(cls, url: str) -> str:
+        # The parser every connection uses: an option it cannot honour fails here.
+        RedisEndpoint.parse(url)
         return url
 
 
@@ -109,8 +107,8 @@ class WorkerSettings(_Section):
 
 
 class TasksSettings(_Section):
-    default_timeout: Seconds = 300.0
-    max_retries: NonNegativeInt = 3
+    default_timeout: Seconds = DEFAULT_TIMEOUT
+    max_retries: NonNegativeInt = DEFAULT_MAX_RETRIES
     retry_backoff: Seconds = 1.0
     retry_backoff_max: Seconds = 300.0
     result_ttl: Seconds = 86400.0
@@ -245,7 +243,9 @@ def _compose_redis_url(base: str, parts: Mapping[str, str]) -> str:
     try:
         port = parts.get("REDIS_PORT") or (str(url.port) if url.port else "")
     except ValueError:
-        raise ConfigError(f"redis.url has a malformed port: {base!r}", key="redis.url") from None
+        raise ConfigError(
+            f"redis.url has a malformed port: {redacted(base)!r}", key="redis.url"
+        ) from None
     userinfo = url.netloc.rpartition("@")[0]
     if password is not None:
         userinfo = f"{userinfo.partition(':')[0]}:{quote(password, safe='')}"
@@ -291,7 +291,10 @@ def _describe(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown key"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{message} (got {error['input']!r})"
+    given = error["input"]
+    if error["loc"] == ("redis", "url") and isinstance(given, str):
+        given = redacted(given)  # never echo a password
+    return f"{message} (got {given!r})"
 
 
 def _from_validation(exc: ValidationError, path: Path | None) -> ConfigError:

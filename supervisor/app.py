@@ -8,16 +8,17 @@ tasks back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
 import uvloop
 
+from actors.endpoint import redacted
 from actors.exceptions import QueueConnectionException
 from actors.exit_codes import CliExit
 from actors.queue import RedisQueue
 from config.settings import Settings
-from supervisor.cli_common import redacted_url
 from supervisor.embedded import should_start_embedded, start_embedded
 from supervisor.logs import configure_logging
 from supervisor.metrics import MetricsServer, start_metrics_server
@@ -48,12 +49,7 @@ def run_supervisor(settings: Settings, config_path: Path | None) -> int:
         logger.error("내장 Redis를 시작할 수 없습니다: %s", exc)
         return CliExit.REDIS_UNREACHABLE
     try:
-        metrics = _start_metrics(settings)
-        try:
-            return uvloop.run(_serve(settings, config_path))
-        finally:
-            if metrics is not None:
-                metrics.close()
+        return uvloop.run(_serve(settings, config_path))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -65,10 +61,10 @@ def _start_embedded(settings: Settings) -> RedisServer | None:
     return start_embedded(settings.redis.url, settings.supervisor.state_dir)
 
 
-def _start_metrics(settings: Settings) -> MetricsServer | None:
+def _start_metrics(settings: Settings, queue: RedisQueue) -> MetricsServer | None:
     """The /metrics server; a port that cannot be bound is logged, not fatal."""
     try:
-        return start_metrics_server(settings)
+        return start_metrics_server(settings, queue)
     except OSError as exc:
         logger.error(
             "메트릭 포트 %d 를 열 수 없어 메트릭 없이 계속합니다: %s",
@@ -90,14 +86,16 @@ async def _serve(settings: Settings, config_path: Path | None) -> int:
 async def _connect_and_supervise(
     settings: Settings, config_path: Path | None, signals: SignalCommands
 ) -> int:
-    url = redacted_url(settings.redis.url)
+    url = redacted(settings.redis.url)
     queue = RedisQueue(settings)
+    metrics = None
     try:
         await queue.connect()
-        await check_eviction_policy(queue.client)
-        epoch = EpochGuard(queue.client, queue.keys)
+        await check_eviction_policy(queue.connection)
+        epoch = EpochGuard(queue.connection, queue.keys)
         await epoch.establish()
         await queue.store.set_limits(settings)
+        metrics = _start_metrics(settings, queue)
         if signals.stop_requested:
             logger.info("시작 중에 종료 신호를 받아 액터를 시작하지 않고 종료합니다")
             return CliExit.OK
@@ -119,4 +117,6 @@ async def _connect_and_supervise(
         logger.error("Redis(%s) 설정 때문에 시작을 거부합니다: %s", url, exc)
         return CliExit.USAGE
     finally:
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
         await queue.close()

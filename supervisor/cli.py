@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from actors.endpoint import redacted
 from actors.exceptions import (
     BackpressureException,
     InvalidTaskException,
@@ -25,7 +26,7 @@ from actors.exceptions import (
 from actors.exit_codes import CliExit
 from config.settings import CONFIG_ENV, ConfigError, Settings
 from supervisor import cli_dlq, cli_status, cli_tasks
-from supervisor.cli_common import Handler, eprint, redacted_url
+from supervisor.cli_common import Handler, eprint
 from supervisor.logs import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def report(exc: ConfigError | QueueError, settings: Settings | None) -> int:
         eprint(f"error: {exc}")
         return CliExit.TIMEOUT
     if isinstance(exc, QueueConnectionException):
-        url = redacted_url(settings.redis.url) if settings else "the configured URL"
+        url = redacted(settings.redis.url) if settings else "the configured URL"
         logger.error("Redis 에 연결할 수 없음: %s", url)
         eprint(f"error: cannot reach Redis at {url}: {exc}")
         return CliExit.REDIS_UNREACHABLE

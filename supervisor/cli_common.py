@@ -12,7 +12,6 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
 
 from config.settings import Settings
 
@@ -64,16 +63,6 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def format_time(seconds: float) -> str:
     """A Unix time as local ``YYYY-MM-DD HH:MM:SS.mmm``."""
     return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 @contextmanager

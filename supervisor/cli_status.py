@@ -11,12 +11,10 @@ import sys
 import time
 from typing import Any
 
-from redis import exceptions as redis_errors
-from redis.asyncio.client import PubSub
-
-from actors.connection import translated_errors
+from actors.connection import open_subscription
 from actors.exit_codes import CliExit
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
+from actors.subscription import Message
 from config.settings import Settings
 from supervisor.cli_common import (
     Subcommands,
@@ -70,8 +68,7 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
     stats = await manager.queue_stats()
     paused = await manager.paused_keys()
     workers = await WorkerMonitor(queue).get_active_workers()
-    with translated_errors():
-        fields: Any = await queue.client.hgetall(queue.keys.backpressure)
+    fields = await manager.backpressure_fields()
     for worker in workers:
         worker.setdefault("pid", None)
         worker.setdefault("host", None)
@@ -146,16 +143,17 @@ def format_event(event: dict[str, Any]) -> str:
 
 async def follow_events(args: argparse.Namespace, settings: Settings) -> int:
     async with RedisQueue(settings) as queue:
-        pubsub = queue.client.pubsub(ignore_subscribe_messages=True)
+        feed = EventFeed()
+        subscription = open_subscription(
+            settings, "이벤트 스트림 구독", feed.on_message, feed.on_outage
+        )
         try:
-            with translated_errors():
-                await pubsub.subscribe(queue.keys.events)
+            await subscription.subscribe(queue.keys.events)
             logger.info("이벤트 스트림 구독 시작: %s", queue.keys.events)
             with stop_on_signals() as stop:
-                feed = EventFeed(pubsub, stop)
                 seen = 0
                 while not stop.is_set() and (args.count is None or seen < args.count):
-                    event = await feed.next()
+                    event = await feed.next(POLL_SECONDS)
                     if event is None:
                         continue
                     if args.json:
@@ -164,41 +162,46 @@ async def follow_events(args: argparse.Namespace, settings: Settings) -> int:
                         print(format_event(event), flush=True)
                     seen += 1
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await subscription.close()
     return CliExit.OK
 
 
 class EventFeed:
     """Events from a subscription, riding out lost connections.
 
-    redis-py resubscribes when the connection comes back; events published
-    while it was down are lost (pub/sub keeps no history).
+    The subscription resubscribes when the connection comes back; events
+    published while it was down are lost (pub/sub keeps no history), and the
+    log says when that window opened and closed.
     """
 
-    def __init__(self, pubsub: PubSub, stop: asyncio.Event) -> None:
-        self._pubsub = pubsub
-        self._stop = stop
+    def __init__(self) -> None:
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._down = False
 
-    async def next(self) -> dict[str, Any] | None:
-        """The next event, or None after a quiet poll, a lost connection or a bad message."""
-        try:
-            message = await self._pubsub.get_message(timeout=POLL_SECONDS)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            if not self._down:
-                logger.warning("이벤트 구독 연결 끊김, 재연결 시도 중: %s", exc)
-                self._down = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 1.0)
-            return None
-        if self._down:
-            logger.info("이벤트 구독 연결 복구")
-            self._down = False
-        if message is None:
-            return None
+    def on_outage(self) -> None:
+        if not self._down:
+            logger.warning("이벤트 구독 연결 끊김, 재연결 시도 중")
+            self._down = True
+
+    def on_message(self, message: Message) -> None:
+        if message["type"] == "subscribe":
+            if self._down:
+                logger.info("이벤트 구독 연결 복구")
+                self._down = False
+            return
+        if message["type"] != "message":
+            return
         try:
             event = json.loads(message["data"])
         except ValueError:
             logger.warning("해석할 수 없는 이벤트 무시: %r", message["data"])
-            return None
-        return event if isinstance(event, dict) else None
+            return
+        if isinstance(event, dict):
+            self._events.put_nowait(event)
+
+    async def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, or None after ``timeout`` seconds without one."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                return await self._events.get()
+        return None

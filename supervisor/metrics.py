@@ -1,25 +1,27 @@
 """Prometheus ``/metrics``: queue depths, task totals, workers and backpressure, read per scrape.
 
-The collector reads Redis with a *synchronous* client: prometheus-client runs
-collectors in its HTTP server's own thread, where no event loop runs, and the
-supervisor's async client belongs to the supervisor's loop. All the reads are
-one pipelined round trip in :func:`read_queue`, the sync twin of
-``TaskManager.queue_stats`` plus worker liveness and backpressure.
+prometheus-client runs collectors in its HTTP server's own thread, where no
+event loop runs. A scrape hands :func:`read_queue` to the supervisor's loop
+(``run_coroutine_threadsafe``) and waits for it there, so ``/metrics`` reads
+Redis through the supervisor's own connection and the very code ``supervisor
+status`` uses (``TaskManager.queue_stats``), not a client of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from prometheus_client import CollectorRegistry, start_wsgi_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from actors.keys import KeySpace
+from actors.exceptions import QueueError
+from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from config.settings import Settings
 from supervisor.cli_common import BACKPRESSURE_STATES, backpressure_view
 
@@ -27,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 #: A scrape waits at most this long for Redis, well inside Prometheus' default 10 s timeout.
 REDIS_TIMEOUT = 3.0
+
+#: The monotonic totals reported as ``scrapeq_tasks_total{outcome}``.
+OUTCOMES = ("completed", "failed", "cancelled", "enqueued")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,49 +43,36 @@ class QueueReading:
     repaired: int  # task records the reaper's sweep found in no queue set
 
 
-def read_queue(client: redis.Redis, keys: KeySpace, heartbeat_timeout: float) -> QueueReading:
-    """Everything one scrape reports, in one round trip.
-
-    A worker counts as inactive once its last heartbeat (the score in the
-    workers set, on the Redis clock) is older than ``heartbeat_timeout``.
-    """
-    pipe = client.pipeline(transaction=False)
-    pipe.time()
-    for key in (keys.pending, keys.running, keys.delayed, keys.dead):
-        pipe.zcard(key)
-    pipe.hgetall(keys.stats)
-    pipe.zrange(keys.workers, 0, -1, withscores=True)
-    pipe.hgetall(keys.backpressure)
-    (seconds, micros), pending, running, retrying, dead, stats, beats, pressure = pipe.execute()
-    # A counter damaged from outside reads as absent; the scripts restart it.
-    counters = {k.decode(): int(v) for k, v in stats.items() if v.lstrip(b"-").isdigit()}
-    cutoff_ms = seconds * 1000 + micros // 1000 - heartbeat_timeout * 1000
-    active = sum(1 for _, last_ms in beats if last_ms >= cutoff_ms)
+async def read_queue(queue: RedisQueue) -> QueueReading:
+    """Everything one scrape reports (a worker is inactive once its heartbeat is overdue)."""
+    manager = TaskManager(queue)
+    stats, pressure, workers = await asyncio.gather(
+        manager.queue_stats(), manager.backpressure_fields(), WorkerMonitor(queue).liveness()
+    )
     return QueueReading(
-        depths={"pending": pending, "running": running, "retrying": retrying, "dead_letter": dead},
-        totals={
-            name: counters.get(name, 0) for name in ("completed", "failed", "cancelled", "enqueued")
-        },
-        workers={"active": active, "inactive": len(beats) - active},
-        backpressure=backpressure_view(pressure, pending),
-        repaired=counters.get("repaired", 0),
+        depths={name: stats[name] for name in ("pending", "running", "retrying", "dead_letter")},
+        totals={name: stats[name] for name in OUTCOMES},
+        workers=workers,
+        backpressure=backpressure_view(pressure, stats["pending"]),
+        repaired=stats["repaired"],
     )
 
 
 class QueueCollector(Collector):
     """Reads the queue on every scrape; reports ``scrapeq_redis_up 0`` when Redis is down."""
 
-    def __init__(self, client: redis.Redis, keys: KeySpace, heartbeat_timeout: float) -> None:
-        self._client = client
-        self._keys = keys
-        self._heartbeat_timeout = heartbeat_timeout
+    def __init__(self, queue: RedisQueue, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue = queue
+        self._loop = loop
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("scrapeq_redis_up", "Whether this scrape could read Redis")
+        future = asyncio.run_coroutine_threadsafe(read_queue(self._queue), self._loop)
         try:
-            reading = read_queue(self._client, self._keys, self._heartbeat_timeout)
-        except redis.RedisError as exc:
-            logger.warning("메트릭 수집 중 Redis 읽기 실패: %s", exc)
+            reading = future.result(REDIS_TIMEOUT)
+        except (QueueError, concurrent.futures.TimeoutError) as exc:
+            future.cancel()
+            logger.warning("메트릭 수집 중 Redis 읽기 실패: %s", exc or "시간 초과")
             up.add_metric([], 0)
             yield up
             return
@@ -121,26 +113,19 @@ class QueueCollector(Collector):
 
 
 class MetricsServer:
-    """A ``/metrics`` HTTP server in a daemon thread, with its own registry and Redis client."""
+    """A ``/metrics`` HTTP server in a daemon thread, reading through ``queue`` on ``loop``."""
 
-    def __init__(self, settings: Settings, host: str = "0.0.0.0", port: int = 0) -> None:
+    def __init__(
+        self,
+        queue: RedisQueue,
+        loop: asyncio.AbstractEventLoop,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         """Serve on ``host:port``; port 0 binds a free port (see :attr:`port`)."""
-        self._client = redis.Redis.from_url(
-            settings.redis.url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT
-        )
         registry = CollectorRegistry()
-        registry.register(
-            QueueCollector(
-                self._client,
-                KeySpace(settings.redis.key_prefix),
-                settings.heartbeat.timeout,
-            )
-        )
-        try:
-            self._server, self._thread = start_wsgi_server(port, host, registry)
-        except OSError:
-            self._client.close()
-            raise
+        registry.register(QueueCollector(queue, loop))
+        self._server, self._thread = start_wsgi_server(port, host, registry)
         self.host = host
         self.port: int = self._server.server_port
 
@@ -148,17 +133,19 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
-        self._client.close()
 
 
-def start_metrics_server(settings: Settings, host: str = "0.0.0.0") -> MetricsServer | None:
+def start_metrics_server(
+    settings: Settings, queue: RedisQueue, host: str = "0.0.0.0"
+) -> MetricsServer | None:
     """Serve ``/metrics`` on ``supervisor.metrics_port``; None when that is 0 (off).
 
-    Raises ``OSError`` when the port cannot be bound.
+    Call it on the loop that ``queue`` belongs to. Raises ``OSError`` when the
+    port cannot be bound.
     """
     port = settings.supervisor.metrics_port
     if port == 0:
         return None
-    server = MetricsServer(settings, host, port)
+    server = MetricsServer(queue, asyncio.get_running_loop(), host, port)
     logger.info("메트릭 서버 시작: http://%s:%d/metrics", host, server.port)
     return server

@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import uuid
 
-from redis.asyncio import Redis
-
 from actors.connection import translated_errors
 from actors.exceptions import ScriptError
 from actors.keys import KeySpace
+from actors.multiplexed import MultiplexedConnection
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ class EvictionPolicyError(Exception):
     """The server may evict keys; the queue would lose tasks."""
 
 
-async def check_eviction_policy(client: Redis) -> None:
+async def check_eviction_policy(connection: MultiplexedConnection) -> None:
     """Raise `EvictionPolicyError` unless ``maxmemory-policy`` is ``noeviction``.
 
     A server that does not let us read its config (an ACL without ``CONFIG``,
@@ -33,16 +32,16 @@ async def check_eviction_policy(client: Redis) -> None:
     """
     try:
         with translated_errors():
-            reply = await client.config_get("maxmemory-policy")
+            reply = await connection.execute("CONFIG", "GET", "maxmemory-policy")
     except ScriptError as exc:  # a refusal (no permission, renamed command)
         logger.warning("Redis maxmemory-policy를 확인할 수 없어 검사를 건너뜁니다: %s", exc)
         return
-    # One parameter asked for; redis-py returns its name as str or bytes by version.
-    raw = next(iter(reply.values()), None)
+    # One parameter asked for: [name, value], or [] when the server hides it.
+    raw = reply[1] if len(reply) == 2 else None
     if raw is None:
         logger.warning("Redis가 maxmemory-policy 값을 알려주지 않아 검사를 건너뜁니다")
         return
-    policy = raw.decode() if isinstance(raw, bytes) else str(raw)
+    policy = raw.decode()
     if policy != "noeviction":
         raise EvictionPolicyError(
             f"maxmemory-policy is {policy!r}: Redis may evict task keys and lose tasks; "
@@ -58,8 +57,8 @@ class EpochGuard:
     value and the server's ``run_id``. `check` compares both again.
     """
 
-    def __init__(self, client: Redis, keys: KeySpace) -> None:
-        self._client = client
+    def __init__(self, connection: MultiplexedConnection, keys: KeySpace) -> None:
+        self._connection = connection
         self._key = keys.epoch
         self._epoch: bytes | None = None
         self._run_id: str | None = None
@@ -75,7 +74,7 @@ class EpochGuard:
         Raises ``QueueConnectionException`` when Redis cannot be reached.
         """
         with translated_errors():
-            current = await self._client.get(self._key)
+            current = await self._connection.execute("GET", self._key)
         run_id = await self._server_run_id()
         if run_id != self._run_id:
             logger.warning("Redis 서버가 재시작되었습니다 (run_id %s → %s)", self._run_id, run_id)
@@ -103,13 +102,22 @@ class EpochGuard:
         candidate = uuid.uuid4().hex.encode()
         with translated_errors():
             while True:  # repeats only if the key is deleted between SET NX and GET
-                if await self._client.set(self._key, candidate, nx=True):
+                if await self._connection.execute("SET", self._key, candidate, "NX"):
                     return candidate
-                value = await self._client.get(self._key)
+                value = await self._connection.execute("GET", self._key)
                 if isinstance(value, bytes):
                     return value
 
     async def _server_run_id(self) -> str:
         with translated_errors():
-            info = await self._client.info("server")
-        return str(info.get("run_id", ""))
+            info: bytes = await self._connection.execute("INFO", "server")
+        return info_field(info, "run_id")
+
+
+def info_field(info: bytes, name: str) -> str:
+    """One field of an INFO reply (``name:value`` lines), "" if absent."""
+    prefix = f"{name}:".encode()
+    for line in info.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :].decode().strip()
+    return ""

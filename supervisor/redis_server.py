@@ -7,7 +7,6 @@ directory reloads every acknowledged write from the AOF.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import logging
 import os
@@ -15,19 +14,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
+from actors.lifecycle import die_with_parent, libc_prctl
+
 logger = logging.getLogger(__name__)
 
 Address = tuple[str, int] | Path
 """Where a server listens: ``(host, port)`` for TCP, a path for a unix socket."""
 
-_PR_SET_PDEATHSIG = 1
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 _LOG_TAIL_BYTES = 2000
 #: Largest hash value Redis keeps in a listpack (its default, 64, is shorter
@@ -96,25 +95,21 @@ def is_ready(address: Address, timeout: float = 0.5) -> bool:
     return reply.startswith((b"+PONG", b"-NOAUTH"))
 
 
-def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> None:
-    """Runs in the child between fork and exec: die with SIGKILL when the parent dies.
+def _orphan_guard() -> Callable[[], None] | None:
+    """The ``preexec_fn`` that makes redis-server die with SIGKILL when the parent dies.
 
-    Without this a crashed or SIGKILLed supervisor (or test run) would leave redis-server
-    holding the port, and the next start would fail with "address in use". The kernel
+    Without it a crashed or SIGKILLed supervisor (or test run) would leave redis-server
+    holding the port, and the next start would fail with "address in use". It runs in the
+    child between fork and exec (``actors.lifecycle.die_with_parent``). The kernel
     delivers the signal when the *thread* that forked exits, so ``start()`` must be called
     from a thread that lives as long as the server (the main thread), never from a
-    short-lived worker thread such as ``asyncio.to_thread``. ``prctl`` is looked up in the
-    parent so the child runs as little Python as possible before exec.
+    short-lived worker thread such as ``asyncio.to_thread``. ``prctl`` is looked up here,
+    in the parent, so the child runs as little Python as possible before exec.
     """
-    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _orphan_guard() -> Callable[[], None] | None:
-    if sys.platform != "linux":
+    prctl = libc_prctl()
+    if prctl is None:
         return None
-    return partial(_die_with_parent, ctypes.CDLL(None, use_errno=True).prctl, os.getpid())
+    return partial(die_with_parent, os.getpid(), signal.SIGKILL, prctl)
 
 
 def _quote(value: str) -> str:
@@ -206,7 +201,7 @@ class RedisServer:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                # Only a prctl call runs between fork and exec; see _die_with_parent.
+                # Only a prctl call runs between fork and exec; see _orphan_guard.
                 preexec_fn=_orphan_guard(),  # noqa: PLW1509
             )
         self._wait_ready(timeout)

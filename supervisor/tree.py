@@ -33,7 +33,7 @@ from typing import Any
 from actors.connection import translated_errors
 from actors.exceptions import QueueConnectionException, QueueError
 from actors.exit_codes import ChildExit, CliExit
-from actors.queue import RedisQueue, TaskManager, WorkerMonitor
+from actors.queue import RedisQueue, TaskManager, WorkerMonitor, time_ms
 from actors.runtime import ActorSpec
 from config.settings import ConfigError, Settings
 from supervisor.health import RedisReachability
@@ -398,7 +398,9 @@ class ProcessTree:
         }
         try:
             with translated_errors():
-                await self._queue.client.publish(self._queue.keys.events, json.dumps(event))
+                await self._queue.connection.execute(
+                    "PUBLISH", self._queue.keys.events, json.dumps(event)
+                )
         except QueueConnectionException as exc:
             logger.debug("worker.restarted 이벤트 발행 실패: %s", exc)
 
@@ -477,8 +479,7 @@ class ProcessTree:
         started = loop.time()
         records = {r["worker_id"]: r for r in await self._monitor.get_active_workers()}
         with translated_errors():
-            seconds, micros = await self._queue.client.time()
-        redis_now = seconds + micros / 1_000_000
+            redis_now = time_ms(await self._queue.connection.execute("TIME")) / 1000
         await self._epoch.check()
         workers = [c for c in self._current.values() if c.spec.kind == WORKER]
         heartbeat = self._settings.heartbeat

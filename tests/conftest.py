@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio
+from helpers import close_raw_clients
 from supervisor_harness import Launcher
 
 from actors.queue import RedisQueue, TaskManager
@@ -39,6 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, pytest.Function) and asyncio.iscoroutinefunction(item.obj):
             item.fixturenames.append("_stuck_tasks_report")
+            item.fixturenames.append("_raw_clients_closed")
 
 
 @pytest.fixture
@@ -62,6 +64,13 @@ async def _stuck_tasks_report(request: pytest.FixtureRequest) -> AsyncIterator[N
     yield
     if handle is not None:
         handle.cancel()
+
+
+@pytest.fixture
+async def _raw_clients_closed() -> AsyncIterator[None]:
+    """Close the raw redis-py clients (helpers.admin) a test opened, on its own loop."""
+    yield
+    await close_raw_clients()
 
 
 def _print_tasks(test: str) -> None:

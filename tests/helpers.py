@@ -10,9 +10,40 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+import redis.asyncio
+import redis.exceptions
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from actors.queue import RedisQueue
+
+_RAW_CLIENTS: dict[tuple[str, int], redis.asyncio.Redis] = {}
+
+
+def admin(queue: RedisQueue) -> redis.asyncio.Redis:
+    """A plain redis-py client on ``queue``'s server, for a test that reads or damages raw keys.
+
+    scrapeq itself opens every connection through actors/connection.py; this
+    one stands in for an operator poking at Redis, so it is deliberately
+    another client. One per URL and event loop, closed after each test (conftest).
+    """
+    key = (queue.settings.redis.url, id(asyncio.get_running_loop()))  # a client serves one loop
+    client = _RAW_CLIENTS.get(key)
+    if client is None:
+        # Fault tests kill and restart Redis under it: reconnect and retry, as an operator would.
+        client = _RAW_CLIENTS[key] = redis.asyncio.Redis.from_url(
+            key[0],
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 5),
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        )
+    return client
+
+
+async def close_raw_clients() -> None:
+    while _RAW_CLIENTS:
+        _, client = _RAW_CLIENTS.popitem()
+        await client.aclose()
 
 
 async def wait_for(
@@ -72,7 +103,7 @@ async def subscribed(queue: RedisQueue, channel: str) -> AsyncIterator[PubSub]:
     through another connection before Redis has processed it is not
     delivered. From the confirmation on, nothing is missed.
     """
-    pubsub = queue.client.pubsub()
+    pubsub = admin(queue).pubsub()
     try:
         await pubsub.subscribe(channel)
         confirmation = await pubsub.get_message(timeout=5)

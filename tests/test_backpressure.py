@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import looping
+from helpers import admin, looping
 from supervisor_harness import configured, write_config
 
 from actors.exceptions import BackpressureException
 from actors.governor import Governor
 from actors.models import ScrapingRequest, TaskStatus
-from actors.queue import RedisQueue, TaskManager, redis_time_ms
+from actors.queue import RedisQueue, TaskManager, time_ms
 from actors.worker import Worker
 from config.settings import Settings
 from supervisor.cli import run
@@ -43,7 +43,7 @@ def tasks(n: int, **fields: Any) -> list[ScrapingRequest]:
 
 async def depth(queue: RedisQueue) -> int:
     """pending + gated, read in one transaction as the enqueue script sees it."""
-    pipe = queue.client.pipeline(transaction=True)
+    pipe = admin(queue).pipeline(transaction=True)
     pipe.zcard(queue.keys.pending)
     pipe.hget(queue.keys.stats, "gated")
     pending, gated = await pipe.execute()
@@ -52,7 +52,7 @@ async def depth(queue: RedisQueue) -> int:
 
 async def stored(queue: RedisQueue, requests: list[ScrapingRequest]) -> int:
     """How many of ``requests`` have a task record."""
-    return int(await queue.client.exists(*(queue.keys.task(r.request_id) for r in requests)))
+    return int(await admin(queue).exists(*(queue.keys.task(r.request_id) for r in requests)))
 
 
 @pytest.fixture
@@ -162,8 +162,8 @@ async def test_a_closed_state_older_than_stale_after_is_ignored(
     queue: RedisQueue, age: float, refused: bool
 ) -> None:
     await queue.store.publish_backpressure("closed", 10, 0.0, 5.0)
-    published_at = await redis_time_ms(queue.client) - int(age * 1000)
-    await queue.client.hset(queue.keys.backpressure, "updated_at", published_at)
+    published_at = time_ms(await queue.connection.execute("TIME")) - int(age * 1000)
+    await admin(queue).hset(queue.keys.backpressure, "updated_at", published_at)
     request = tasks(1)[0]
 
     if refused:  # stale_after is 5 s by default

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import event_log, wait_for
+from helpers import admin, event_log, wait_for
 from supervisor_harness import configured
 
 from actors.exceptions import BackpressureException
@@ -109,7 +109,7 @@ def tasks(n: int) -> list[ScrapingRequest]:
 
 
 async def published_state(queue: RedisQueue) -> str:
-    state: Any = await queue.client.hget(queue.keys.backpressure, "state")
+    state: Any = await admin(queue).hget(queue.keys.backpressure, "state")
     return state.decode() if state else ""
 
 
@@ -177,4 +177,4 @@ async def test_dead_governors_closed_state_is_ignored_after_stale_after(
         await asyncio.sleep(1.1)
         await queue.enqueue_task(tasks(1)[0])  # fail open, to the hard cap
 
-        assert await queue.client.zcard(queue.keys.pending) == 3
+        assert await admin(queue).zcard(queue.keys.pending) == 3

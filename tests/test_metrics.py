@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
@@ -14,14 +14,14 @@ from actors.models import ScrapingRequest
 from actors.queue import RedisQueue, WorkerMonitor
 from config.settings import Settings
 from supervisor.metrics import MetricsServer, start_metrics_server
-from supervisor.redis_server import free_port
+from supervisor.redis_server import RedisServer, free_port
 
 
 @pytest.fixture
-def server(settings: Settings) -> Iterator[MetricsServer]:
-    metrics = MetricsServer(settings, host="127.0.0.1", port=0)
+async def server(queue: RedisQueue) -> AsyncIterator[MetricsServer]:
+    metrics = MetricsServer(queue, asyncio.get_running_loop(), host="127.0.0.1", port=0)
     yield metrics
-    metrics.close()
+    await asyncio.to_thread(metrics.close)
 
 
 def fetch(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -86,37 +86,35 @@ async def test_repairs_are_counted_and_a_damaged_counter_does_not_fail_the_scrap
     assert samples[("scrapeq_tasks_total", (("outcome", "completed"),))] == 0
 
 
-def test_unreachable_redis_is_reported_as_down_not_as_a_failed_scrape(
-    settings: Settings,
+async def test_unreachable_redis_is_reported_as_down_not_as_a_failed_scrape(
+    server: MetricsServer, redis_server: RedisServer
 ) -> None:
-    down = settings.model_copy(
-        update={
-            "redis": settings.redis.model_copy(update={"url": f"redis://127.0.0.1:{free_port()}/0"})
-        }
-    )
-    metrics = MetricsServer(down, host="127.0.0.1", port=0)
-    try:
-        samples = fetch(metrics.port)
-    finally:
-        metrics.close()
+    redis_server.stop()  # the next test's redis_url fixture starts it again
+
+    samples = await scrape(server.port)
+
     assert samples[("scrapeq_redis_up", ())] == 0
     assert not any(name == "scrapeq_queue_depth" for name, _ in samples)
 
 
-def test_metrics_server_is_off_when_the_port_is_0(settings: Settings) -> None:
+async def test_metrics_server_is_off_when_the_port_is_0(
+    settings: Settings, queue: RedisQueue
+) -> None:
     assert settings.supervisor.metrics_port == 0
-    assert start_metrics_server(settings) is None
+    assert start_metrics_server(settings, queue) is None
 
 
-def test_metrics_server_listens_on_the_configured_port(settings: Settings) -> None:
+async def test_metrics_server_listens_on_the_configured_port(
+    settings: Settings, queue: RedisQueue
+) -> None:
     port = free_port()
     configured = settings.model_copy(
         update={"supervisor": settings.supervisor.model_copy(update={"metrics_port": port})}
     )
-    metrics = start_metrics_server(configured, host="127.0.0.1")
+    metrics = start_metrics_server(configured, queue, host="127.0.0.1")
     assert metrics is not None
     try:
         assert metrics.port == port
-        assert ("scrapeq_redis_up", ()) in fetch(port)
+        assert ("scrapeq_redis_up", 1.0) in [(n, v) for (n, _), v in (await scrape(port)).items()]
     finally:
-        metrics.close()
+        await asyncio.to_thread(metrics.close)

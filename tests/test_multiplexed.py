@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio
 from redis import exceptions as redis_errors
 
+from actors.endpoint import RedisEndpoint
 from actors.exceptions import ScriptError
 from actors.models import ScrapingRequest, TaskStatus
 from actors.multiplexed import MultiplexedConnection
@@ -21,7 +22,7 @@ from supervisor.redis_server import RedisServer
 
 @pytest.fixture
 async def connection(redis_url: str) -> AsyncIterator[MultiplexedConnection]:
-    conn = MultiplexedConnection(redis_url, retries=2)
+    conn = MultiplexedConnection(RedisEndpoint.parse(redis_url), retries=2)
     yield conn
     await conn.close()
 
@@ -76,7 +77,7 @@ async def test_a_killed_connection_is_reopened_and_the_call_retried(
 async def test_a_call_with_no_reply_times_out_and_the_next_call_gets_a_fresh_connection(
     redis_url: str, redis_client: redis.asyncio.Redis
 ) -> None:
-    conn = MultiplexedConnection(redis_url, retries=0, call_timeout=0.3)
+    conn = MultiplexedConnection(RedisEndpoint.parse(redis_url), retries=0, call_timeout=0.3)
     try:
         await conn.execute("PING")
         await redis_client.execute_command("CLIENT", "PAUSE", 600, "ALL")
@@ -105,7 +106,7 @@ async def test_scripts_are_loaded_again_after_redis_forgot_them(
 async def test_unreachable_redis_raises_a_connection_error_after_retries(
     tmp_path: Path,
 ) -> None:
-    conn = MultiplexedConnection(f"unix://{tmp_path}/nobody.sock", retries=1)
+    conn = MultiplexedConnection(RedisEndpoint.parse(f"unix://{tmp_path}/nobody.sock"), retries=1)
     with pytest.raises(redis_errors.ConnectionError, match="cannot connect"):
         await conn.execute("PING")
     await conn.close()
@@ -133,7 +134,7 @@ async def test_unix_socket_password_and_database_from_the_url_are_used(
     secured_server: RedisServer,
 ) -> None:
     url = f"unix://:s3cret@{secured_server.unix_socket}?db=3"
-    conn = MultiplexedConnection(url, retries=0)
+    conn = MultiplexedConnection(RedisEndpoint.parse(url), retries=0)
     try:
         await conn.execute("SET", "mx:where", "db3")
         assert await conn.execute("CLIENT", "INFO") is not None
@@ -149,7 +150,9 @@ async def test_unix_socket_password_and_database_from_the_url_are_used(
 
 
 async def test_a_wrong_password_is_an_authentication_error(secured_server: RedisServer) -> None:
-    conn = MultiplexedConnection(f"unix://:wrong@{secured_server.unix_socket}", retries=0)
+    conn = MultiplexedConnection(
+        RedisEndpoint.parse(f"unix://:wrong@{secured_server.unix_socket}"), retries=0
+    )
     with pytest.raises(redis_errors.AuthenticationError):
         await conn.execute("PING")
     await conn.close()

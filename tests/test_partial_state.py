@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import admin, wait_for
 from test_reaper_heartbeat import running
 from test_store_scripts import derive, read_hash, record, request, sets_holding
 
@@ -33,7 +33,7 @@ HOME = {"pending": "pending", "running": "running", "retrying": "delayed"}
 async def orphans(queue: RedisQueue) -> list[str]:
     """Ids of task records whose status names a set that does not hold them."""
     found = []
-    async for key in queue.client.scan_iter(match=queue.keys.task_prefix + "*"):
+    async for key in admin(queue).scan_iter(match=queue.keys.task_prefix + "*"):
         request_id = key.decode()[len(queue.keys.task_prefix) :]
         fields = await record(queue, request_id)
         home = HOME.get(fields.get("status", ""))
@@ -41,7 +41,7 @@ async def orphans(queue: RedisQueue) -> list[str]:
             continue
         gate = fields.get("gate")
         gated = gate is not None and (
-            await queue.client.zscore(queue.keys.gate_prefix + gate, request_id) is not None
+            await admin(queue).zscore(queue.keys.gate_prefix + gate, request_id) is not None
         )
         if home not in await sets_holding_live(queue, request_id) and not gated:
             found.append(request_id)
@@ -115,7 +115,7 @@ async def test_claim_of_a_batch_with_a_damaged_expires_at_leases_every_task(
     queue: RedisQueue,
 ) -> None:
     ids = [await queue.enqueue_task(request(expires_in=60)) for _ in range(3)]
-    await queue.client.hset(queue.keys.task(ids[1]), "expires_at", "not a number")
+    await admin(queue).hset(queue.keys.task(ids[1]), "expires_at", "not a number")
 
     claim = await queue.store.claim("w1", 3)
 
@@ -140,7 +140,7 @@ async def test_claim_with_a_damaged_rate_limit_value_loses_no_task(
         "breaker failures": queue.keys.breaker,
         "limit": queue.keys.limits,
     }[damaged]
-    await queue.client.hset(target, key, "not a number")
+    await admin(queue).hset(target, key, "not a number")
 
     claim = await queue.store.claim("w1", 3)
 
@@ -154,7 +154,7 @@ async def test_a_failure_with_a_damaged_breaker_count_is_retried(
     await queue.store.set_limits(derive(settings, circuit_breaker={"failures": 3}))
     request_id = await queue.enqueue_task(request(parameters={"url": "https://a.test/"}))
     lease = (await queue.store.claim("w1", 1)).leases[0]
-    await queue.client.hset(queue.keys.breaker, "domain:a.test", "not a number")
+    await admin(queue).hset(queue.keys.breaker, "domain:a.test", "not a number")
 
     outcome, _ = await queue.store.fail("w1", request_id, lease.attempt, "boom", permanent=False)
 
@@ -167,13 +167,13 @@ async def test_a_failure_with_a_damaged_breaker_count_is_retried(
 async def test_a_damaged_stats_counter_restarts_instead_of_failing_the_change(
     queue: RedisQueue, counter: str
 ) -> None:
-    await queue.client.hset(queue.keys.stats, counter, "not a number")
+    await admin(queue).hset(queue.keys.stats, counter, "not a number")
     request_id = await queue.enqueue_task(request(max_retries=1))
     lease = (await queue.store.claim("w1", 1)).leases[0]
     if counter in ("failed", "retried"):
         outcome, _ = await queue.store.fail("w1", request_id, lease.attempt, "x", permanent=False)
         assert outcome.name == "RETRYING"
-        await queue.client.zadd(queue.keys.delayed, {request_id: 0}, xx=True)
+        await admin(queue).zadd(queue.keys.delayed, {request_id: 0}, xx=True)
         lease = (await queue.store.claim("w1", 1)).leases[0]
         outcome, _ = await queue.store.fail("w1", request_id, lease.attempt, "x", permanent=False)
         assert outcome.name == "DEAD_LETTERED"
@@ -192,7 +192,7 @@ async def test_one_enqueue_call_of_five_thousand_tasks_stores_them_all(
     written = await queue.store.enqueue(items)
 
     assert written == 5000
-    assert await queue.client.zcard(queue.keys.pending) == 5000
+    assert await admin(queue).zcard(queue.keys.pending) == 5000
 
 
 # -- the sweep ----------------------------------------------------------------------------
@@ -208,7 +208,7 @@ async def plant(queue: RedisQueue, status: str | None, **fields: Any) -> str:
     }
     if status is not None:
         mapping["status"] = status
-    await queue.client.hset(queue.keys.task(request_id), mapping=mapping)
+    await admin(queue).hset(queue.keys.task(request_id), mapping=mapping)
     return request_id
 
 
@@ -226,13 +226,13 @@ async def test_repair_puts_each_record_back_where_its_status_says(queue: RedisQu
 
     assert sorted(repaired) == sorted(ids[:-1])
     assert await sets_holding(queue, pending) == {"pending"}
-    assert await queue.client.zscore(queue.keys.pending, pending) == 5
+    assert await admin(queue).zscore(queue.keys.pending, pending) == 5
     assert await sets_holding(queue, gated) == {"pending"}
     assert "gate" not in await record(queue, gated)
     assert await sets_holding(queue, retrying) == {"delayed"}
     assert await sets_holding(queue, running_id) == {"running"}
     assert await sets_holding(queue, failed) == {"dead"}
-    assert await queue.client.pttl(queue.keys.task(failed)) > 0
+    assert await admin(queue).pttl(queue.keys.task(failed)) > 0
     assert await sets_holding(queue, statusless) == {"dead"}
     assert (await record(queue, statusless))["status"] == "failed"
     assert await sets_holding(queue, healthy) == {"pending"}
@@ -240,9 +240,25 @@ async def test_repair_puts_each_record_back_where_its_status_says(queue: RedisQu
     assert await queue.store.repair(ids) == []  # a second pass finds nothing to do
 
 
+@pytest.fixture
+async def own_database(settings: Settings) -> AsyncIterator[RedisQueue]:
+    """A queue on a database of its own, emptied first.
+
+    The sweep walks a whole database 200 keys a pass; the session server's
+    database 0 holds every other test's keys.
+    """
+    base = settings.redis.url.rsplit("/", 1)[0]
+    own = derive(settings, redis={"url": f"{base}/9"})
+    async with RedisQueue(own) as queue:
+        await queue.connection.execute("FLUSHDB")
+        yield queue
+
+
 async def test_reaper_sweep_finds_a_record_in_no_set_and_it_completes(
-    settings: Settings, queue: RedisQueue, manager: TaskManager
+    own_database: RedisQueue,
 ) -> None:
+    queue, manager = own_database, TaskManager(own_database)
+    settings = queue.settings
     lost = await plant(queue, "pending")
     stuck = await plant(queue, "running", attempt=1, worker="w-gone")
 

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 )
 
 from actors.models import ScrapingRequest
-from actors.queue import RedisQueue
+from actors.queue import RedisQueue, as_dict
 from actors.store import Completion, FailOutcome, TaskStore
 from config.settings import Settings
 
@@ -83,12 +83,14 @@ class QueueMachine(RuleBasedStateMachine):
         return self.queue.store
 
     def fields(self, request_id: str) -> dict[str, str]:
-        raw: Any = self.run(self.queue.client.hgetall(self.queue.keys.task(request_id)))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        reply = self.run(self.queue.connection.execute("HGETALL", self.queue.keys.task(request_id)))
+        return {k.decode(): v.decode() for k, v in as_dict(reply).items()}
 
     def members(self, set_name: str) -> list[str]:
-        raw: Any = self.run(self.queue.client.zrange(getattr(self.queue.keys, set_name), 0, -1))
-        return sorted(item.decode() for item in raw)
+        reply = self.run(
+            self.queue.connection.execute("ZRANGE", getattr(self.queue.keys, set_name), 0, -1)
+        )
+        return sorted(item.decode() for item in reply)
 
     def pick_lease(self, data: st.DataObject) -> tuple[str, str, int]:
         """A lease to report on: mostly a live one, sometimes any (stale) one."""
@@ -108,11 +110,16 @@ class QueueMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         async def clean() -> None:
-            client = self.queue.client
-            prefix = self.queue.settings.redis.key_prefix
-            keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+            connection = self.queue.connection
+            pattern = f"{self.queue.settings.redis.key_prefix}:*"
+            cursor, keys = b"0", []
+            while True:
+                cursor, found = await connection.execute("SCAN", cursor, "MATCH", pattern)
+                keys += found
+                if cursor == b"0":
+                    break
             if keys:
-                await client.delete(*keys)
+                await connection.execute("DEL", *keys)
             await self.queue.close()
 
         try:
@@ -178,7 +185,9 @@ class QueueMachine(RuleBasedStateMachine):
         else:
             assert outcome is FailOutcome.RETRYING
             # end the backoff now: whether a retry is due must not depend on timing
-            self.run(self.queue.client.zadd(self.queue.keys.delayed, {request_id: 0}, xx=True))
+            self.run(
+                self.queue.connection.execute("ZADD", self.queue.keys.delayed, "XX", 0, request_id)
+            )
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data())
@@ -197,7 +206,9 @@ class QueueMachine(RuleBasedStateMachine):
     def expire_lease(self, data: st.DataObject) -> None:
         request_id = data.draw(st.sampled_from(self.snapshot["running"]))
         before = self.fields(request_id)
-        self.run(self.queue.client.zadd(self.queue.keys.running, {request_id: 0}, xx=True))
+        self.run(
+            self.queue.connection.execute("ZADD", self.queue.keys.running, "XX", 0, request_id)
+        )
 
         self.run(self.store.requeue_expired())
 
@@ -257,7 +268,9 @@ class QueueMachine(RuleBasedStateMachine):
     @invariant()
     def no_task_completes_twice(self) -> None:
         assert all(n <= 1 for n in self.completions.values()), self.completions
-        counted: Any = self.run(self.queue.client.hget(self.queue.keys.stats, "completed"))
+        counted: Any = self.run(
+            self.queue.connection.execute("HGET", self.queue.keys.stats, "completed")
+        )
         assert int(counted or 0) == sum(self.completions.values())
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import count, event_log, wait_for
+from helpers import admin, count, event_log, wait_for
 from redis.exceptions import ResponseError
 
 from actors import queue as queue_module
@@ -52,7 +52,7 @@ def failed(request_id: str, error: str = "boom") -> ScrapingResponse:
 async def keys_of(queue: RedisQueue) -> list[bytes]:
     """Every key of the test's prefix: proves what a refused call did not write."""
     prefix = queue.settings.redis.key_prefix
-    return [key async for key in queue.client.scan_iter(match=f"{prefix}:*")]
+    return [key async for key in admin(queue).scan_iter(match=f"{prefix}:*")]
 
 
 async def dequeue(queue: RedisQueue, worker: str = "w1") -> ScrapingRequest:
@@ -62,7 +62,7 @@ async def dequeue(queue: RedisQueue, worker: str = "w1") -> ScrapingRequest:
 
 
 async def expire_lease(queue: RedisQueue, request_id: str) -> None:
-    await queue.client.zadd(queue.keys.running, {request_id: 0}, xx=True)
+    await admin(queue).zadd(queue.keys.running, {request_id: 0}, xx=True)
     await queue.store.requeue_expired()
 
 
@@ -78,7 +78,7 @@ async def test_enqueue_many_returns_ids_in_order_and_they_run_in_order(
 
     assert ids == [r.request_id for r in sent]
     assert [(await dequeue(queue)).request_id for _ in range(3)] == ids[:3]
-    assert await queue.client.zcard(queue.keys.pending) == ENQUEUE_CHUNK
+    assert await admin(queue).zcard(queue.keys.pending) == ENQUEUE_CHUNK
 
 
 async def test_enqueue_many_keeps_fifo_order_across_chunks_sent_in_parallel(
@@ -106,7 +106,7 @@ async def test_enqueue_many_after_a_refused_chunk_can_be_sent_again_whole(
     without_clash = [r for r in batch if r is not clash]
     await queue.enqueue_many(without_clash)  # chunks stored the first time are no-ops
 
-    assert await queue.client.zcard(queue.keys.pending) == 1 + len(without_clash)
+    assert await admin(queue).zcard(queue.keys.pending) == 1 + len(without_clash)
 
 
 async def test_oversized_payload_is_rejected_naming_parameters_and_writes_nothing(
@@ -155,7 +155,7 @@ async def test_configured_defaults_fill_fields_the_request_left_unset(
         explicit = await queue.enqueue_task(request(timeout=7, max_retries=5))
 
         got = {r.request_id: r for r in [await dequeue(queue), await dequeue(queue)]}
-        stored = await queue.client.hget(queue.keys.task(plain), "max_retries")
+        stored = await admin(queue).hget(queue.keys.task(plain), "max_retries")
 
     assert (got[plain].timeout, got[plain].max_retries) == (42, 1)
     assert stored == b"1"
@@ -365,7 +365,7 @@ async def test_requeued_dead_letter_runs_again_with_fresh_attempts_and_no_ttl(
     assert await manager.requeue_dead_letter(request_id) is True
     assert await manager.requeue_dead_letter(request_id) is False
 
-    assert await queue.client.pttl(queue.keys.task(request_id)) == -1
+    assert await admin(queue).pttl(queue.keys.task(request_id)) == -1
     assert await manager.get_task_status(request_id) is TaskStatus.PENDING
     assert await manager.get_response(request_id) is None
     await dequeue(queue)
@@ -405,14 +405,14 @@ async def test_cleanup_removes_dead_letters_older_than_result_ttl(settings: Sett
         assert await manager.cleanup_old_tasks() == 1
 
         assert await manager.list_dead_letters() == []
-        assert await queue.client.zcard(queue.keys.dead) == 0
+        assert await admin(queue).zcard(queue.keys.dead) == 0
 
 
 # -- status and response lookups ----------------------------------------------------------
 
 
 async def command_calls(queue: RedisQueue) -> dict[str, int]:
-    stats = await queue.client.info("commandstats")
+    stats = await admin(queue).info("commandstats")
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
@@ -510,8 +510,8 @@ async def test_lost_worker_is_announced_once_even_with_two_monitors(
 ) -> None:
     monitor = WorkerMonitor(queue)
     await monitor.register_worker("silent")
-    seconds, _ = await queue.client.time()
-    await queue.client.zadd(queue.keys.workers, {"silent": (int(seconds) - 5) * 1000})
+    seconds, _ = await admin(queue).time()
+    await admin(queue).zadd(queue.keys.workers, {"silent": (int(seconds) - 5) * 1000})
     async with RedisQueue(settings) as other, event_log(queue) as events:
         first, second = await asyncio.gather(
             monitor.cleanup_inactive_workers(), WorkerMonitor(other).cleanup_inactive_workers()
@@ -527,7 +527,7 @@ async def test_cleanup_forgets_workers_gone_for_long(queue: RedisQueue) -> None:
     monitor = WorkerMonitor(queue)
     await monitor.register_worker("gone")
     await monitor.register_worker("here")
-    await queue.client.zadd(queue.keys.workers, {"gone": 1})
+    await admin(queue).zadd(queue.keys.workers, {"gone": 1})
 
     assert await monitor.cleanup_inactive_workers() == 1
 
@@ -539,7 +539,7 @@ async def test_cleanup_forgets_workers_gone_for_long(queue: RedisQueue) -> None:
 
 async def publish_calls(queue: RedisQueue) -> int:
     """PUBLISH commands Redis ran since the last CONFIG RESETSTAT (inside scripts too)."""
-    stats: dict[str, Any] = await queue.client.info("commandstats")
+    stats: dict[str, Any] = await admin(queue).info("commandstats")
     return int(stats.get("cmdstat_publish", {}).get("calls", 0))
 
 
@@ -562,8 +562,8 @@ async def test_batches_publish_all_their_events_to_a_listener(queue: RedisQueue)
 
 
 async def test_batches_skip_their_events_when_nobody_listens(queue: RedisQueue) -> None:
-    assert await queue.client.pubsub_numpat() == 0, "a pattern subscriber is left over"
-    await queue.client.config_resetstat()
+    assert await admin(queue).pubsub_numpat() == 0, "a pattern subscriber is left over"
+    await admin(queue).config_resetstat()
     await claim_and_complete(queue, 5)
     # enqueue: its first event and the wake signal; claim: its first event;
     # complete: its first event and each task's response channel (waiters).
@@ -571,7 +571,7 @@ async def test_batches_skip_their_events_when_nobody_listens(queue: RedisQueue) 
 
 
 async def test_a_pattern_subscriber_hears_every_event_of_a_batch(queue: RedisQueue) -> None:
-    pubsub = queue.client.pubsub()
+    pubsub = admin(queue).pubsub()
     try:
         await pubsub.psubscribe(queue.keys.events[:-1] + "*")
         assert await pubsub.get_message(timeout=5) is not None  # the confirmation
@@ -709,8 +709,8 @@ async def test_enqueue_refused_at_maxmemory_leaves_no_half_written_task(
     async with RedisQueue(settings_for(full_server.url, settings)) as queue:
         stored, refused, _ = await fill_until_refused(queue)
 
-        records = [key async for key in queue.client.scan_iter(match=queue.keys.task("*"))]
-        assert not await queue.client.exists(queue.keys.task(refused))
-        assert await queue.client.zscore(queue.keys.pending, refused) is None
-        assert len(records) == await queue.client.zcard(queue.keys.pending) == stored
-        assert int(await queue.client.hget(queue.keys.stats, "enqueued") or 0) == stored
+        records = [key async for key in admin(queue).scan_iter(match=queue.keys.task("*"))]
+        assert not await admin(queue).exists(queue.keys.task(refused))
+        assert await admin(queue).zscore(queue.keys.pending, refused) is None
+        assert len(records) == await admin(queue).zcard(queue.keys.pending) == stored
+        assert int(await admin(queue).hget(queue.keys.stats, "enqueued") or 0) == stored

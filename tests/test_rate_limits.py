@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import admin, wait_for
 from supervisor_harness import configured, write_config
 
 from actors.exceptions import RateLimited
 from actors.models import ScrapingRequest, TaskStatus
-from actors.queue import RedisQueue, TaskManager, redis_time_ms
+from actors.queue import RedisQueue, TaskManager, time_ms
 from actors.scripts import current_attempt, script
 from actors.store import Completion, Lease
 from actors.worker import Worker
@@ -58,7 +58,7 @@ async def publish(queue: RedisQueue, settings: Settings, rates: dict[str, float]
 
 async def started_at(queue: RedisQueue, ids: Collection[str]) -> dict[str, int]:
     """request id -> the time its (last) attempt started, Redis clock ms."""
-    pipe = queue.client.pipeline(transaction=False)
+    pipe = admin(queue).pipeline(transaction=False)
     for request_id in ids:
         pipe.hget(queue.keys.task(request_id), "started_at")
     return {rid: int(ms) for rid, ms in zip(ids, await pipe.execute(), strict=True)}
@@ -236,7 +236,7 @@ async def test_a_quiet_domain_keeps_its_own_rate_beside_a_backlogged_one(
     await publish(queue, settings, {"domain:busy.test": 5.0, "domain:quiet.test": 5.0})
     backlog = await queue.enqueue_many(on("busy.test", 60))
     quiet = await queue.enqueue_many(on("quiet.test", 10))
-    enqueued_at = await redis_time_ms(queue.client)
+    enqueued_at = time_ms(await queue.connection.execute("TIME"))
 
     started = await drive(queue, quiet, count=1)  # the hardest case: one task per claim
 
@@ -372,7 +372,7 @@ async def test_429_pauses_the_domain_on_every_worker_and_costs_no_attempt(
 
         await wait_for(paused, 5, message="the 429 never paused domain:r.test")
         left = (await manager.paused_keys())["domain:r.test"]
-        until_ms: Any = await queue.client.hget(queue.keys.paused, "domain:r.test")
+        until_ms: Any = await admin(queue).hget(queue.keys.paused, "domain:r.test")
         until = int(until_ms)
     assert pause - 0.3 < left <= pause
 
@@ -470,7 +470,7 @@ async def test_successful_probe_resumes_the_domain(
     await complete(breaker, probe)
 
     assert await manager.paused_keys() == {}
-    assert not await breaker.client.hexists(breaker.keys.breaker, "domain:down.test")
+    assert not await admin(breaker).hexists(breaker.keys.breaker, "domain:down.test")
 
 
 async def test_after_a_successful_probe_the_domains_waiting_tasks_start_at_once(

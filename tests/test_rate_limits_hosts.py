@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import admin, wait_for
 from supervisor_harness import DRAIN_TIMEOUT, Launcher, config_file, configured, wait_for_workers
 from test_rate_limits import busiest_second, over_rate
 
 from actors.models import ScrapingRequest
-from actors.queue import RedisQueue, redis_time_ms
+from actors.queue import RedisQueue, time_ms
 from config.settings import Settings
 
 
@@ -54,7 +54,7 @@ async def finished(queue: RedisQueue, ids: list[str], timeout: float) -> list[Ru
 
     async def done() -> bool:
         nonlocal fields
-        pipe = queue.client.pipeline(transaction=False)
+        pipe = admin(queue).pipeline(transaction=False)
         for request_id in ids:
             pipe.hmget(
                 queue.keys.task(request_id), ["status", "started_at", "finished_at", "worker"]
@@ -71,7 +71,7 @@ async def finished(queue: RedisQueue, ids: list[str], timeout: float) -> list[Ru
 
 async def free_run(queue: RedisQueue, free: list[ScrapingRequest]) -> float:
     """Enqueue ``free``; seconds (Redis clock) until the last of them completed."""
-    began = await redis_time_ms(queue.client)
+    began = time_ms(await queue.connection.execute("TIME"))
     ids = await queue.enqueue_many(free)
     runs = await finished(queue, ids, timeout=120)
     return (max(run.finished_at for run in runs) - began) / 1000

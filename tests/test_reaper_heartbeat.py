@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from helpers import count, event_log, looping, wait_for
+from helpers import admin, count, event_log, looping, wait_for
 
 from actors.base import Actor
 from actors.heartbeat import HeartbeatMonitor
@@ -34,7 +34,7 @@ async def running(*actors: Actor) -> AsyncIterator[dict[str, asyncio.Task[int]]]
 
 async def lock_holder(queue: RedisQueue) -> str | None:
     """The reaper holding the singleton lease, if any."""
-    holder = await queue.client.get(queue.keys.reaper_lock)
+    holder = await admin(queue).get(queue.keys.reaper_lock)
     return holder.decode() if isinstance(holder, bytes) else holder
 
 
@@ -76,7 +76,7 @@ async def test_expired_lease_is_requeued_exactly_once_with_two_reapers(
 ) -> None:
     request_id = await leased_task(queue, "ghost")
     async with event_log(queue) as events, running(*reapers(settings)):
-        await queue.client.zadd(queue.keys.running, {request_id: 0}, xx=True)
+        await admin(queue).zadd(queue.keys.running, {request_id: 0}, xx=True)
 
         async def requeued() -> bool:
             return await manager.get_task_status(request_id) is TaskStatus.PENDING
@@ -107,7 +107,7 @@ async def test_standby_reaper_takes_over_when_the_leader_stops(
         await wait_for(taken_over, LOCK_LEASE, message="the standby never took over")
 
         request_id = await leased_task(queue, "ghost")
-        await queue.client.zadd(queue.keys.running, {request_id: 0}, xx=True)
+        await admin(queue).zadd(queue.keys.running, {request_id: 0}, xx=True)
 
         async def requeued() -> bool:
             return await TaskManager(queue).get_task_status(request_id) is TaskStatus.PENDING
@@ -118,7 +118,7 @@ async def test_standby_reaper_takes_over_when_the_leader_stops(
 async def test_lock_left_by_a_dead_leader_is_taken_once_its_lease_runs_out(
     settings: Settings, queue: RedisQueue
 ) -> None:
-    await queue.client.set(queue.keys.reaper_lock, "r-dead", px=1000)
+    await admin(queue).set(queue.keys.reaper_lock, "r-dead", px=1000)
     async with running(*reapers(settings)):
         await asyncio.sleep(0.5)
         assert await lock_holder(queue) == "r-dead"

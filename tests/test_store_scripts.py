@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 import pytest
-from helpers import next_message, subscribed
+from helpers import admin, next_message, subscribed
 
 from actors.exceptions import BackpressureException, DuplicateTaskException, ScriptError
 from actors.models import DEFAULT_MAX_RETRIES, ScrapingRequest
@@ -54,7 +54,7 @@ async def claim_one(store: TaskStore, worker: str = "w1") -> Lease:
 
 
 async def read_hash(queue: RedisQueue, key: str) -> dict[str, str]:
-    raw: Any = await queue.client.hgetall(key)
+    raw: Any = await admin(queue).hgetall(key)
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
@@ -65,28 +65,28 @@ async def record(queue: RedisQueue, request_id: str) -> dict[str, str]:
 async def sets_holding(queue: RedisQueue, request_id: str) -> set[str]:
     held = set()
     for name in SETS:
-        if await queue.client.zscore(getattr(queue.keys, name), request_id) is not None:
+        if await admin(queue).zscore(getattr(queue.keys, name), request_id) is not None:
             held.add(name)
     return held
 
 
 async def redis_ms(queue: RedisQueue) -> int:
-    seconds, micros = await queue.client.time()
+    seconds, micros = await admin(queue).time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 
 async def expire_lease(queue: RedisQueue, request_id: str) -> None:
     """Push a lease's deadline into the past, as if its worker stopped renewing."""
-    await queue.client.zadd(queue.keys.running, {request_id: 0}, xx=True)
+    await admin(queue).zadd(queue.keys.running, {request_id: 0}, xx=True)
 
 
 async def make_due(queue: RedisQueue, request_id: str) -> None:
     """End a retry's backoff now instead of waiting for it."""
-    await queue.client.zadd(queue.keys.delayed, {request_id: 0}, xx=True)
+    await admin(queue).zadd(queue.keys.delayed, {request_id: 0}, xx=True)
 
 
 async def stat(queue: RedisQueue, name: str) -> int:
-    value = await queue.client.hget(queue.keys.stats, name)
+    value = await admin(queue).hget(queue.keys.stats, name)
     return int(value or 0)
 
 
@@ -172,7 +172,7 @@ async def test_enqueue_of_the_same_request_twice_stores_it_once(
     await queue.enqueue_task(sent)
     await queue.enqueue_task(sent)
 
-    assert await queue.client.zcard(queue.keys.pending) == 1
+    assert await admin(queue).zcard(queue.keys.pending) == 1
     assert await stat(queue, "enqueued") == 1
     assert await store.enqueue([queue.prepare(sent)]) == 0  # counts as stored, nothing new
 
@@ -181,16 +181,16 @@ async def test_enqueue_of_a_different_request_under_a_used_id_writes_nothing(
     queue: RedisQueue,
 ) -> None:
     await queue.enqueue_task(request(request_id="taken", parameters={"v": 1}))
-    before = await queue.client.get(queue.keys.seq)
+    before = await admin(queue).get(queue.keys.seq)
     fresh = [request(), request(request_id="taken", parameters={"v": 2}), request()]
 
     with pytest.raises(DuplicateTaskException) as caught:
         await queue.enqueue_many(fresh)
 
     assert caught.value.request_id == "taken"
-    assert not await queue.client.exists(*(queue.keys.task(r.request_id) for r in fresh[::2]))
-    assert await queue.client.zcard(queue.keys.pending) == 1
-    assert await queue.client.get(queue.keys.seq) == before
+    assert not await admin(queue).exists(*(queue.keys.task(r.request_id) for r in fresh[::2]))
+    assert await admin(queue).zcard(queue.keys.pending) == 1
+    assert await admin(queue).get(queue.keys.seq) == before
     assert await stat(queue, "enqueued") == 1
     stored = await record(queue, "taken")
     assert json.loads(stored["request"])["parameters"] == {"v": 1}
@@ -204,7 +204,7 @@ async def test_one_batch_reusing_an_id_for_two_different_requests_writes_nothing
     with pytest.raises(DuplicateTaskException):
         await queue.enqueue_many(batch)
 
-    assert not await queue.client.exists(queue.keys.task("twice"))
+    assert not await admin(queue).exists(queue.keys.task("twice"))
     assert await stat(queue, "enqueued") == 0
 
 
@@ -212,14 +212,14 @@ async def test_enqueue_with_a_damaged_gate_set_fails_before_writing_anything(
     settings: Settings, queue: RedisQueue, store: TaskStore
 ) -> None:
     await store.set_limits(derive(settings, rate_limits={"script:echo": 1.0}))
-    await queue.client.set(queue.keys.gate_prefix + "script:echo", "not a sorted set")
+    await admin(queue).set(queue.keys.gate_prefix + "script:echo", "not a sorted set")
     batch = [request(), request()]
 
     with pytest.raises(ScriptError):
         await queue.enqueue_many(batch)
 
-    assert not await queue.client.exists(*(queue.keys.task(r.request_id) for r in batch))
-    assert await queue.client.get(queue.keys.seq) is None
+    assert not await admin(queue).exists(*(queue.keys.task(r.request_id) for r in batch))
+    assert await admin(queue).get(queue.keys.seq) is None
     assert await stat(queue, "enqueued") == 0
 
 
@@ -227,14 +227,14 @@ async def test_enqueue_with_a_damaged_sequence_writes_no_task(queue: RedisQueue)
     # The sequence cannot restart (FIFO order would break), so enqueue refuses
     # before its first write; a damaged stats counter restarts instead
     # (tests/test_partial_state.py).
-    await queue.client.set(queue.keys.seq, "not a number")
+    await admin(queue).set(queue.keys.seq, "not a number")
     refused = request()
 
     with pytest.raises(ScriptError):
         await queue.enqueue_task(refused)
 
-    assert not await queue.client.exists(queue.keys.task(refused.request_id))
-    assert await queue.client.zcard(queue.keys.pending) == 0
+    assert not await admin(queue).exists(queue.keys.task(refused.request_id))
+    assert await admin(queue).zcard(queue.keys.pending) == 0
 
 
 async def test_enqueue_with_expires_in_records_the_deadline_on_the_redis_clock(
@@ -260,7 +260,7 @@ async def test_claim_leases_the_task_until_a_deadline_on_the_redis_clock(
     lease = await claim_one(store, "w1")
 
     after = await redis_ms(queue)
-    deadline = await queue.client.zscore(queue.keys.running, request_id)
+    deadline = await admin(queue).zscore(queue.keys.running, request_id)
     assert deadline is not None
     assert before + store.lease_ms <= deadline <= after + store.lease_ms
     assert lease.attempt == 1
@@ -393,7 +393,7 @@ async def test_complete_stores_publishes_and_expires_the_response(
     assert response["data"] == {"n": [1, 2]}
     assert response["execution_time"] == 1.25
     assert response["error"] is None
-    ttl = await queue.client.pttl(queue.keys.task(request_id))
+    ttl = await admin(queue).pttl(queue.keys.task(request_id))
     assert 0 < ttl <= 86_400_000
 
 
@@ -426,7 +426,7 @@ async def test_retry_delay_doubles_with_jitter_and_is_capped(settings: Settings)
                 outcome, delay = await queue.store.fail(
                     "w1", lease.request_id, lease.attempt, "boom", permanent=False
                 )
-                due = await queue.client.zscore(queue.keys.delayed, lease.request_id)
+                due = await admin(queue).zscore(queue.keys.delayed, lease.request_id)
                 assert outcome is FailOutcome.RETRYING
                 assert due is not None
                 delay_ms = round(delay * 1000)
@@ -465,7 +465,7 @@ async def test_task_is_dead_lettered_after_max_retries_plus_one_attempts(
         (attempt, f"error {attempt}", "w1") for attempt in attempts
     ]
     assert json.loads(stored["response"])["error"] == f"error {max_retries + 1}"
-    assert await queue.client.pttl(queue.keys.task(request_id)) > 0
+    assert await admin(queue).pttl(queue.keys.task(request_id)) > 0
     assert (await stat(queue, "retried"), await stat(queue, "failed")) == (max_retries, 1)
 
 
@@ -501,12 +501,12 @@ async def test_failure_report_without_the_lease_is_refused_and_changes_nothing(
 async def test_renew_pushes_the_lease_deadline_forward(queue: RedisQueue, store: TaskStore) -> None:
     request_id = await add(queue)
     lease = await claim_one(store)
-    await queue.client.zadd(queue.keys.running, {request_id: 1})
+    await admin(queue).zadd(queue.keys.running, {request_id: 1})
 
     lost = await store.renew("w1", [(request_id, lease.attempt)])
 
     assert lost == []
-    deadline = await queue.client.zscore(queue.keys.running, request_id)
+    deadline = await admin(queue).zscore(queue.keys.running, request_id)
     assert deadline is not None
     assert deadline >= await redis_ms(queue) + store.lease_ms - 1000
 
@@ -576,13 +576,13 @@ async def test_expired_lease_is_requeued_at_its_original_place(
     queue: RedisQueue, store: TaskStore
 ) -> None:
     request_id = await add(queue, priority=3)
-    score = await queue.client.zscore(queue.keys.pending, request_id)
+    score = await admin(queue).zscore(queue.keys.pending, request_id)
     await claim_one(store)
     await expire_lease(queue, request_id)
 
     assert await store.requeue_expired() == (1, 0)
 
-    assert await queue.client.zscore(queue.keys.pending, request_id) == score
+    assert await admin(queue).zscore(queue.keys.pending, request_id) == score
     stored = await record(queue, request_id)
     assert stored["status"] == "pending"
     assert "worker" not in stored
@@ -658,7 +658,7 @@ async def test_cancel_of_a_pending_task_removes_it_from_the_queue(
     assert stored["status"] == "cancelled"
     assert json.loads(stored["response"])["status"] == "cancelled"
     assert await sets_holding(queue, request_id) == set()
-    assert await queue.client.pttl(queue.keys.task(request_id)) > 0
+    assert await admin(queue).pttl(queue.keys.task(request_id)) > 0
 
 
 async def test_cancel_of_a_retrying_task_removes_it_from_the_delayed_set(
@@ -726,7 +726,7 @@ async def test_dead_letter_requeue_restarts_attempts_and_keeps_history(
     assert (stored["status"], stored["attempt"]) == ("pending", "0")
     assert "response" not in stored
     assert len(json.loads(stored["history"])) == 1
-    assert await queue.client.pttl(queue.keys.task(request_id)) == -1
+    assert await admin(queue).pttl(queue.keys.task(request_id)) == -1
     assert await sets_holding(queue, request_id) == {"pending"}
     assert (await claim_one(store)).attempt == 1
 
@@ -739,7 +739,7 @@ async def test_dead_letter_requeue_all_and_of_non_dead_ids(
 
     assert await store.dlq_requeue([pending, "unknown"]) == 0
     assert await store.dlq_requeue(None) == 3
-    assert await queue.client.zcard(queue.keys.dead) == 0
+    assert await admin(queue).zcard(queue.keys.dead) == 0
     assert all([await sets_holding(queue, i) == {"pending"} for i in dead])
 
 
@@ -751,7 +751,7 @@ async def test_purge_deletes_every_dead_letter_and_its_record(
 
     assert await store.dlq_purge() == 2
 
-    assert not await queue.client.exists(queue.keys.dead, *map(queue.keys.task, dead))
+    assert not await admin(queue).exists(queue.keys.dead, *map(queue.keys.task, dead))
     assert await sets_holding(queue, alive) == {"pending"}
 
 
@@ -774,12 +774,12 @@ async def test_cleanup_drops_dead_letters_older_than_the_result_ttl(settings: Se
 async def test_cleanup_forgets_workers_silent_for_long(queue: RedisQueue, store: TaskStore) -> None:
     await store.heartbeat("gone", {}, register=True)
     await store.heartbeat("here", {}, register=True)
-    await queue.client.zadd(queue.keys.workers, {"gone": 1})
+    await admin(queue).zadd(queue.keys.workers, {"gone": 1})
 
     assert await store.cleanup() == (0, 1)
 
-    assert await queue.client.zrange(queue.keys.workers, 0, -1) == [b"here"]
-    assert not await queue.client.exists(queue.keys.worker("gone"))
+    assert await admin(queue).zrange(queue.keys.workers, 0, -1) == [b"here"]
+    assert not await admin(queue).exists(queue.keys.worker("gone"))
 
 
 # -- heartbeat / mark_lost ---------------------------------------------------------------
@@ -797,20 +797,20 @@ async def test_heartbeat_registers_a_worker_on_the_redis_clock(
     assert worker["status"] == "active"
     assert worker["last_heartbeat"] == str(at)
     assert (worker["pid"], worker["host"], worker["tasks_processed"]) == ("42", "h", "0")
-    assert await queue.client.zscore(queue.keys.workers, "w1") == at
+    assert await admin(queue).zscore(queue.keys.workers, "w1") == at
 
 
 async def test_heartbeat_keeps_the_task_counter_and_revives_a_lost_worker(
     queue: RedisQueue, store: TaskStore
 ) -> None:
     await store.heartbeat("w1", {}, register=True)
-    await queue.client.hset(queue.keys.worker("w1"), mapping={"tasks_processed": 7})
-    await queue.client.zadd(queue.keys.workers, {"w1": 1})
+    await admin(queue).hset(queue.keys.worker("w1"), mapping={"tasks_processed": 7})
+    await admin(queue).zadd(queue.keys.workers, {"w1": 1})
     assert await store.mark_lost(1.0) == ["w1"]
 
     await store.heartbeat("w1", {"rss_bytes": 1024})
 
-    raw = await queue.client.hmget(queue.keys.worker("w1"), ["status", "tasks_processed"])
+    raw = await admin(queue).hmget(queue.keys.worker("w1"), ["status", "tasks_processed"])
     assert raw == [b"active", b"7"]
 
 
@@ -819,13 +819,13 @@ async def test_mark_lost_reports_each_silent_worker_once_across_callers(
 ) -> None:
     for worker in ("silent", "alive"):
         await store.heartbeat(worker, {}, register=True)
-    await queue.client.zadd(queue.keys.workers, {"silent": 1})
+    await admin(queue).zadd(queue.keys.workers, {"silent": 1})
 
     first, second = await asyncio.gather(store.mark_lost(1.0), store.mark_lost(1.0))
 
     assert sorted(first + second) == ["silent"]
     assert await store.mark_lost(1.0) == []
-    status = await queue.client.hget(queue.keys.worker("silent"), "status")
+    status = await admin(queue).hget(queue.keys.worker("silent"), "status")
     assert status == b"inactive"
 
 
@@ -840,7 +840,7 @@ async def test_lock_is_held_by_one_owner_renewed_by_it_and_freed_only_by_it(
     assert await store.hold_lock(key, "a", 5.0) is True
     assert await store.hold_lock(key, "b", 5.0) is False
     assert await store.hold_lock(key, "a", 10.0) is True  # renewal
-    assert 5_000 < await queue.client.pttl(key) <= 10_000
+    assert 5_000 < await admin(queue).pttl(key) <= 10_000
     await store.release_lock(key, "b")
     assert await store.hold_lock(key, "b", 5.0) is False
     await store.release_lock(key, "a")
@@ -899,8 +899,8 @@ async def test_enqueue_is_refused_while_the_governor_says_closed_and_writes_noth
         await queue.enqueue_task(refused)
 
     assert caught.value.retry_after > 0
-    assert not await queue.client.exists(queue.keys.task(refused.request_id))
-    assert await queue.client.zcard(queue.keys.pending) == 0
+    assert not await admin(queue).exists(queue.keys.task(refused.request_id))
+    assert await admin(queue).zcard(queue.keys.pending) == 0
 
 
 async def test_enqueue_past_the_high_watermark_is_refused_whole(settings: Settings) -> None:
@@ -913,5 +913,5 @@ async def test_enqueue_past_the_high_watermark_is_refused_whole(settings: Settin
         with pytest.raises(BackpressureException):
             await queue.enqueue_many([request(), request()])
 
-        assert await queue.client.zcard(queue.keys.pending) == 2
+        assert await admin(queue).zcard(queue.keys.pending) == 2
         await queue.enqueue_task(request())  # exactly at the cap is allowed

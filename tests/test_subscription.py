@@ -10,6 +10,7 @@ from faults.proxy import Proxy
 from helpers import wait_for
 
 from actors import subscription as subscription_module
+from actors.endpoint import RedisEndpoint
 from actors.subscription import Message, Subscription
 from supervisor.redis_server import RedisServer
 
@@ -33,7 +34,7 @@ async def test_messages_and_confirmations_reach_the_callback(
     redis_url: str, redis_client: redis.asyncio.Redis, key_prefix: str
 ) -> None:
     inbox = Inbox()
-    sub = Subscription(redis_url, "test", inbox.on_message)
+    sub = Subscription(RedisEndpoint.parse(redis_url), "test", inbox.on_message)
     channel = f"{key_prefix}:ch"
     try:
         await sub.subscribe(channel)
@@ -54,7 +55,7 @@ async def test_a_killed_connection_is_resubscribed_and_confirmed_again(
     redis_url: str, redis_client: redis.asyncio.Redis, key_prefix: str
 ) -> None:
     inbox = Inbox()
-    sub = Subscription(redis_url, "test", inbox.on_message, inbox.on_outage)
+    sub = Subscription(RedisEndpoint.parse(redis_url), "test", inbox.on_message, inbox.on_outage)
     channel = f"{key_prefix}:ch"
     try:
         await sub.subscribe(channel)
@@ -73,7 +74,7 @@ async def test_many_subscribes_while_redis_is_down_open_one_connection_when_it_r
     redis_server: RedisServer, redis_url: str, key_prefix: str
 ) -> None:
     inbox = Inbox()
-    sub = Subscription(redis_url, "test", inbox.on_message)
+    sub = Subscription(RedisEndpoint.parse(redis_url), "test", inbox.on_message)
     channels = [f"{key_prefix}:c{i}" for i in range(200)]
     redis_server.kill()
     try:
@@ -97,7 +98,9 @@ async def test_a_silent_half_open_connection_is_pinged_and_replaced(
     inbox = Inbox()
     channel = f"{key_prefix}:ch"
     with Proxy.for_url(redis_url) as proxy:
-        sub = Subscription(proxy.url, "test", inbox.on_message, inbox.on_outage)
+        sub = Subscription(
+            RedisEndpoint.parse(proxy.url), "test", inbox.on_message, inbox.on_outage
+        )
         try:
             await sub.subscribe(channel)
             await wait_for(lambda: inbox.of("subscribe", channel), timeout=3)

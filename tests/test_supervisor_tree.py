@@ -20,7 +20,7 @@ from signal import Signals
 from typing import Any, cast
 
 import pytest
-from helpers import wait_for
+from helpers import admin, wait_for
 from redis.asyncio.client import PubSub
 from supervisor_harness import configured, write_config
 
@@ -136,7 +136,7 @@ class Supervise:
         config: Path | None = None,
         notifier: SystemdNotifier | None = None,
     ) -> tuple[ProcessTree, asyncio.Task[int]]:
-        epoch = EpochGuard(self.queue.client, self.queue.keys)
+        epoch = EpochGuard(admin(self.queue), self.queue.keys)
         await epoch.establish()
         tree = ProcessTree(
             settings,
@@ -207,7 +207,7 @@ async def test_crashed_worker_restarts_after_backoff_and_its_tasks_are_requeued_
 ) -> None:
     tree, task = await supervise(fast)
     crashed = backend.named("worker-0")[0]
-    events = queue.client.pubsub()
+    events = admin(queue).pubsub()
     await events.subscribe(queue.keys.events)
     await events.get_message(timeout=1)  # the subscription is confirmed
     request_id = await queue.enqueue_task(ScrapingRequest(script_name="echo"))
@@ -499,13 +499,13 @@ async def test_missing_epoch_key_is_reported_loudly_and_recreated(
 ) -> None:
     tree, task = await supervise(fast)
     epoch_key = queue.keys.base + "epoch"
-    assert await queue.client.exists(epoch_key)
+    assert await admin(queue).exists(epoch_key)
 
     async def recreated() -> bool:
-        return bool(await queue.client.exists(epoch_key))
+        return bool(await admin(queue).exists(epoch_key))
 
     with caplog.at_level(logging.ERROR):
-        await queue.client.delete(epoch_key)
+        await admin(queue).delete(epoch_key)
         await wait_for(recreated, timeout=3)
 
     assert "Redis 데이터 유실 감지" in caplog.text

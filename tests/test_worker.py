@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import admin, wait_for
 
 from actors.exceptions import RateLimited
 from actors.exit_codes import ChildExit
@@ -159,10 +159,10 @@ async def dead_letter(manager: TaskManager, request_id: str) -> dict[str, Any]:
 async def just_renewed(queue: RedisQueue, worker_id: str) -> None:
     """Return right after the worker's next heartbeat (and the lease renewal that follows it)."""
     key = queue.keys.worker(worker_id)
-    before = await queue.client.hget(key, "last_heartbeat")
+    before = await admin(queue).hget(key, "last_heartbeat")
 
     async def beat() -> bool:
-        return await queue.client.hget(key, "last_heartbeat") != before
+        return await admin(queue).hget(key, "last_heartbeat") != before
 
     await wait_for(beat, 2, interval=0.005)
     await asyncio.sleep(0.02)
@@ -456,7 +456,7 @@ async def test_corrupt_task_record_is_dead_lettered_and_the_worker_carries_on(
     settings: Settings, queue: RedisQueue, manager: TaskManager
 ) -> None:
     broken = await enqueue(queue, "echo")
-    await queue.client.hset(queue.keys.task(broken), "request", "{not json")
+    await admin(queue).hset(queue.keys.task(broken), "request", "{not json")
     async with run_worker(settings):
         response = await outcome(queue, broken)
         assert response.status is TaskStatus.FAILED

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import count, event_log, wait_for
+from helpers import admin, count, event_log, wait_for
 
 from actors.exit_codes import ChildExit
 from actors.models import ScrapingRequest, TaskStatus
@@ -66,10 +66,10 @@ async def holder_of(queue: RedisQueue, request_id: str) -> str:
     key = queue.keys.task(request_id)
 
     async def claimed() -> bool:
-        return await queue.client.hget(key, "worker") is not None
+        return await admin(queue).hget(key, "worker") is not None
 
     await wait_for(claimed, 10, message=f"{request_id} was never claimed")
-    worker = await queue.client.hget(key, "worker")
+    worker = await admin(queue).hget(key, "worker")
     assert isinstance(worker, bytes)
     return worker.decode()
 

@@ -113,6 +113,21 @@ local function score_of(id)
   return tonumber(redis.call('HGET', PREFIX .. id, 'score')) or 0
 end
 
+-- Move up to `limit` retries whose due time has come (`now`, ms) from the
+-- `delayed` zset back to `pending`, at their stored queue score, status
+-- `pending`. Shared by claim (a worker promotes before it claims) and
+-- promote (the reaper's, while no worker claims). A damaged score does not
+-- make it fail half-way (score_of). Returns how many were promoted.
+local function promote_due(pending, delayed, limit, now)
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', delayed, id)
+    redis.call('ZADD', pending, score_of(id), id)
+    redis.call('HSET', PREFIX .. id, 'status', 'pending')
+  end
+  return #due
+end
+
 -- Append a failed attempt to the task's history (the last 20 are kept).
 local function add_history(id, attempt, err, worker, now)
   local key = PREFIX .. id

@@ -1,18 +1,19 @@
--- claim: promote due retries, then lease up to `count` tasks to one worker.
+-- claim: promote due retries (as promote.lua does), then lease up to `count`
+-- tasks to one worker.
 --
--- KEYS[1] pending  zset id -> priority/FIFO score
--- KEYS[2] running  zset id -> lease deadline (ms, Redis clock)
--- KEYS[3] delayed  zset id -> due time (ms, Redis clock)
--- KEYS[4] stats    hash of monotonic counters
--- KEYS[5] limits   hash rate key -> tasks/s
--- KEYS[6] rate state hash rate key -> GCRA theoretical arrival time (ms)
--- KEYS[7] paused   hash rate key -> paused until (ms)
--- KEYS[8] breaker  hash rate key -> consecutive failures
--- KEYS[9] gates    zset rate key -> when its next task may start (ms)
--- KEYS[10] breaker settings hash: failures (threshold), cooldown_ms
--- KEYS[11] dead    zset id -> time dead-lettered (a damaged record goes there)
+-- KEYS[1]  pending           zset id -> priority/FIFO score
+-- KEYS[2]  running           zset id -> lease deadline (ms, Redis clock)
+-- KEYS[3]  delayed           zset id -> due time (ms, Redis clock)
+-- KEYS[4]  stats             hash of monotonic counters
+-- KEYS[5]  limits            hash rate key -> tasks/s
+-- KEYS[6]  rate_state        hash rate key -> GCRA theoretical arrival time (ms)
+-- KEYS[7]  paused            hash rate key -> paused until (ms)
+-- KEYS[8]  breaker           hash rate key -> consecutive failures
+-- KEYS[9]  gates             zset rate key -> when its next task may start (ms)
+-- KEYS[10] breaker_settings  hash: failures (threshold), cooldown_ms
+-- KEYS[11] dead              zset id -> time dead-lettered (a damaged record goes there)
 -- ARGV[5]  worker id
--- ARGV[6]  count: tasks to claim (0 = only promote; the reaper does that)
+-- ARGV[6]  count: tasks to claim
 -- ARGV[7]  lease in ms
 -- ARGV[8]  at most this many due retries are promoted per call
 -- ARGV[9]  result ttl in ms (a task past its expires_at is cancelled here)
@@ -42,12 +43,7 @@ local function expired(expires_at)
   return num(expires_at, math.huge) <= now
 end
 
-local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, promote_limit)
-for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('ZADD', KEYS[1], score_of(id), id)
-  redis.call('HSET', PREFIX .. id, 'status', 'pending')
-end
+promote_due(KEYS[1], KEYS[3], promote_limit, now)
 
 -- The fields a claim reads of each candidate task, in one HMGET.
 local RECORD_FIELDS = {'request', 'expires_at', 'rate_keys', 'attempt'}

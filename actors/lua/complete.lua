@@ -1,11 +1,11 @@
 -- complete: record the results of one or more tasks leased to one worker.
 --
--- KEYS[1] running  zset id -> lease deadline
--- KEYS[2] stats    hash of monotonic counters
--- KEYS[3] breaker  hash rate key -> consecutive failures (a success resets its keys)
--- KEYS[4] paused   hash rate key -> paused until (a successful breaker probe resumes)
--- KEYS[5] breaker settings hash: failures (threshold)
--- KEYS[6] gates    zset rate key -> next start (ms): a resumed key's gate is due now
+-- KEYS[1] running           zset id -> lease deadline
+-- KEYS[2] stats             hash of monotonic counters
+-- KEYS[3] breaker           hash rate key -> consecutive failures (a success resets its keys)
+-- KEYS[4] paused            hash rate key -> paused until (a successful breaker probe resumes)
+-- KEYS[5] breaker_settings  hash: failures (threshold)
+-- KEYS[6] gates             zset rate key -> next start (ms): a resumed key's gate is due now
 -- ARGV[5] worker id
 -- ARGV[6] result ttl in ms
 -- ARGV[7] number of results n, then n groups of 4:

@@ -1,12 +1,12 @@
 -- fail: a leased task's attempt failed; retry it later or dead-letter it.
 --
--- KEYS[1] running  zset id -> lease deadline
--- KEYS[2] delayed  zset id -> due time
--- KEYS[3] dead     zset id -> time it was dead-lettered
--- KEYS[4] stats    hash of monotonic counters
--- KEYS[5] breaker  hash rate key -> consecutive failures
--- KEYS[6] paused   hash rate key -> paused until (ms)
--- KEYS[7] breaker settings hash: failures (threshold), cooldown_ms
+-- KEYS[1] running           zset id -> lease deadline
+-- KEYS[2] delayed           zset id -> due time
+-- KEYS[3] dead              zset id -> time it was dead-lettered
+-- KEYS[4] stats             hash of monotonic counters
+-- KEYS[5] breaker           hash rate key -> consecutive failures
+-- KEYS[6] paused            hash rate key -> paused until (ms)
+-- KEYS[7] breaker_settings  hash: failures (threshold), cooldown_ms
 -- ARGV[5]  worker id
 -- ARGV[6]  request id
 -- ARGV[7]  attempt (fencing token)

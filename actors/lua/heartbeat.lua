@@ -1,7 +1,7 @@
 -- heartbeat: register a worker or record that it is alive, on the Redis clock.
 --
--- KEYS[1] workers  zset worker id -> last heartbeat (ms)
--- KEYS[2] the worker's hash
+-- KEYS[1] workers   zset worker id -> last heartbeat (ms)
+-- KEYS[2] <worker>  the worker's hash (worker key prefix .. ARGV[5])
 -- ARGV[5] worker id
 -- ARGV[6] "register" (publishes worker.registered) or "beat"
 -- ARGV[7] number of extra fields n, then n field/value pairs (pid, host,

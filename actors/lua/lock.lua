@@ -1,7 +1,7 @@
 -- lock: a renewable lease that makes one actor the single active one across
 -- all hosts (reaper, governor).
 --
--- KEYS[1] the lock key
+-- KEYS[1] <lock>  the lock key (reaper_lock or governor_lock)
 -- ARGV[5] owner id
 -- ARGV[6] lease in ms
 -- ARGV[7] "acquire" (take it if free, renew it if ours) or "release" (free it if ours)

@@ -4,7 +4,7 @@
 --
 -- KEYS[1] limits            hash rate key -> tasks/s (absent when none are
 --                           configured: claim and enqueue then skip rate checks)
--- KEYS[2] breaker settings  hash: failures, cooldown_ms
+-- KEYS[2] breaker_settings  hash: failures, cooldown_ms
 -- ARGV[5] breaker failures threshold (0 = off)
 -- ARGV[6] breaker cooldown in ms
 -- ARGV[7] number of limits n, then n pairs: rate key, tasks/s

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from helpers import admin
+
 from actors.exceptions import QueueError, TaskTimeoutException
 from actors.models import ScrapingRequest, TaskStatus
 from actors.queue import RedisQueue
@@ -131,7 +133,7 @@ async def await_outcome(
 async def read_statuses(queue: RedisQueue, ids: Iterable[str]) -> dict[str, str | None]:
     """Each task's status in Redis now (None: no record), in one round trip."""
     wanted = list(ids)
-    pipe = queue.client.pipeline(transaction=False)
+    pipe = admin(queue).pipeline(transaction=False)
     for request_id in wanted:
         pipe.hget(queue.keys.task(request_id), "status")
     values: list[bytes | None] = await pipe.execute()

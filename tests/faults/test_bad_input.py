@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import admin, wait_for
 
 from actors.exceptions import InvalidTaskException
 from actors.models import ScrapingRequest, TaskStatus
@@ -34,8 +34,8 @@ async def plant(queue: RedisQueue, request_id: str, **fields: str | int) -> None
         **fields,
     }
     pairs = [part for pair in record.items() for part in pair]
-    await queue.client.hset(queue.keys.task(request_id), items=pairs)
-    await queue.client.zadd(queue.keys.pending, {request_id: int(record["score"])})
+    await admin(queue).hset(queue.keys.task(request_id), items=pairs)
+    await admin(queue).zadd(queue.keys.pending, {request_id: int(record["score"])})
 
 
 async def test_corrupt_records_unknown_scripts_and_bad_results_end_as_clear_dead_letters(
@@ -53,7 +53,7 @@ async def test_corrupt_records_unknown_scripts_and_bad_results_end_as_clear_dead
             first = await run.submit(run.tasks(10, seconds=0.05))
             for request_id, request in corrupt.items():
                 await plant(run.queue, request_id, request=request)
-            await run.queue.client.zadd(run.queue.keys.pending, {"no-record": 0})
+            await admin(run.queue).zadd(run.queue.keys.pending, {"no-record": 0})
             (unknown,) = run.tasks(1, script="no-such-script")
             (not_json,) = run.tasks(1, script="not-json")
             await run.submit([unknown, not_json])
@@ -63,7 +63,7 @@ async def test_corrupt_records_unknown_scripts_and_bad_results_end_as_clear_dead
             manager = TaskManager(run.queue)
             records = {rid: await manager.get_task(rid) for rid in [*corrupt, "no-record"]}
             dead = {letter["request_id"]: letter for letter in await manager.list_dead_letters()}
-            pending = await run.queue.client.zcard(run.queue.keys.pending)
+            pending = await admin(run.queue).zcard(run.queue.keys.pending)
             await run.judge(worker_pids=before, restarts=0)
             after = cluster.worker_pids()
     assert after == before, "a worker process died"
@@ -121,7 +121,7 @@ async def test_oversized_payloads_and_bad_ids_are_refused_by_name_and_never_stor
     settings: Settings, tmp_path: Path
 ) -> None:
     async with FaultRun("G6 refused requests", settings, tmp_path) as run:
-        stored_before = await run.queue.client.dbsize()
+        stored_before = await admin(run.queue).dbsize()
         huge = {"blob": "x" * (settings.tasks.max_payload_bytes + 1)}
         with pytest.raises(InvalidTaskException, match="max_payload_bytes") as oversized:
             await run.queue.enqueue_task(ScrapingRequest(script_name="echo", parameters=huge))
@@ -130,7 +130,7 @@ async def test_oversized_payloads_and_bad_ids_are_refused_by_name_and_never_stor
             with pytest.raises(InvalidTaskException) as caught:
                 ScrapingRequest(script_name="echo", request_id=bad_id)
             refused[bad_id[:20]] = caught.value.field
-        stored_after = await run.queue.client.dbsize()
+        stored_after = await admin(run.queue).dbsize()
     assert oversized.value.field == "parameters"
     assert set(refused.values()) == {"request_id"}
     assert stored_after == stored_before

@@ -21,7 +21,7 @@ from typing import Literal, cast
 import pytest
 import redis
 import redis.asyncio
-from helpers import wait_for
+from helpers import admin, wait_for
 from supervisor_harness import write_config
 
 from actors.keys import KeySpace
@@ -266,7 +266,7 @@ async def test_redis_at_maxmemory_refuses_enqueues_as_backpressure_and_writes_no
                 if misses == 5:
                     break
             refused = [r for r in run.ledger.read() if r["kind"] == "refused"]
-            client, keys = run.queue.client, run.queue.keys
+            client, keys = admin(run.queue), run.queue.keys
             half_written = [r["id"] for r in refused if await client.exists(keys.task(r["id"]))]
             queued = set()
             for zset in (keys.pending, keys.running, keys.delayed):
@@ -291,7 +291,7 @@ async def test_workers_keep_heartbeating_after_redis_was_at_maxmemory(
     with Cluster(settings, tmp_path, workers=1):
         async with RedisQueue(settings) as queue:
             monitor = WorkerMonitor(queue)
-            client = queue.client
+            client = admin(queue)
             used = int((await client.info("memory"))["used_memory"])
             # Below what is used: every write that needs memory is refused until lifted.
             await client.config_set("maxmemory", used - 200_000)

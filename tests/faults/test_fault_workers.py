@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import admin, wait_for
 
 from actors.models import TaskStatus
 from actors.queue import TaskManager, WorkerMonitor
@@ -488,7 +488,7 @@ async def test_soak_keeps_worker_memory_open_files_and_redis_clients_flat(
                     processes = [psutil.Process(pid) for pid in cluster.worker_pids()]
                     rss.append((now, max(p.memory_info().rss for p in processes) / 2**20))
                     fds.append((now, max(p.num_fds() for p in processes)))
-                    info: dict[str, Any] = await run.queue.client.info("clients")
+                    info: dict[str, Any] = await admin(run.queue).info("clients")
                     clients.append((now, int(info["connected_clients"])))
                     await asyncio.sleep(SOAK_SAMPLE_EVERY)
 

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 import psutil
-from helpers import wait_for
+from helpers import admin, wait_for
 
 from actors.exceptions import QueueError
 from actors.models import ScrapingRequest, TaskStatus
@@ -246,12 +246,12 @@ class FaultRun:
 
     async def running_ids(self) -> set[str]:
         """Ids leased right now (the tasks a fault injected now would hit)."""
-        raw = await self.queue.client.zrange(self.queue.keys.running, 0, -1)
+        raw = await admin(self.queue).zrange(self.queue.keys.running, 0, -1)
         return {item.decode() for item in cast(list[bytes], raw)}
 
     async def commits(self) -> int:
         """Redis's counter of completions committed in this key space."""
-        raw = await self.queue.client.hget(self.queue.keys.stats, "completed")
+        raw = await admin(self.queue).hget(self.queue.keys.stats, "completed")
         return int(raw or 0)
 
     def recovery_since(self, moment: float, ids: Iterable[str] | None = None) -> float | None:
@@ -278,7 +278,7 @@ class FaultRun:
         keys = self.queue.keys
 
         async def idle() -> bool:
-            pipe = self.queue.client.pipeline(transaction=False)
+            pipe = admin(self.queue).pipeline(transaction=False)
             for zset in (keys.pending, keys.running, keys.delayed):
                 pipe.zcard(zset)
             sizes: list[int] = await pipe.execute()
@@ -289,7 +289,7 @@ class FaultRun:
     async def _snapshot(self) -> tuple[int, dict[str, str | None]]:
         """The commit counter and every submitted task's status, read atomically."""
         keys = self.queue.keys
-        pipe = self.queue.client.pipeline(transaction=True)
+        pipe = admin(self.queue).pipeline(transaction=True)
         pipe.hget(keys.stats, "completed")
         for request_id in self.submitted:
             pipe.hget(keys.task(request_id), "status")
