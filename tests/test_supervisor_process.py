@@ -27,7 +27,9 @@ from supervisor_harness import (
     write_config,
 )
 
+from actors.endpoint import RedisEndpoint
 from actors.models import ScrapingRequest, TaskStatus
+from actors.multiplexed import MultiplexedConnection
 from actors.queue import RedisQueue, TaskManager
 from config.settings import Settings
 from supervisor.redis_checks import check_eviction_policy
@@ -263,13 +265,14 @@ async def test_eviction_check_is_skipped_when_the_user_may_not_read_the_config(
     await redis_client.acl_setuser(
         user, enabled=True, passwords=["+secret"], commands=["+@all", "-config"], keys=["*"]
     )
-    client = redis.asyncio.Redis(
+    endpoint = RedisEndpoint(
         host=redis_server.host, port=redis_server.port, username=user, password="secret"
     )
+    connection = MultiplexedConnection(endpoint, retries=0)
     try:
-        await check_eviction_policy(client)
+        await check_eviction_policy(connection)
     finally:
-        await client.aclose()
+        await connection.close()
         await redis_client.acl_deluser(user)
 
     assert "maxmemory-policy를 확인할 수 없어" in caplog.text
