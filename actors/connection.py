@@ -15,8 +15,7 @@ import logging
 from collections.abc import Callable
 from types import TracebackType
 
-from redis import exceptions as redis_errors
-
+from actors import redis_errors
 from actors.endpoint import RedisEndpoint
 from actors.exceptions import BackpressureException, QueueConnectionException, ScriptError
 from actors.multiplexed import MultiplexedConnection
@@ -61,7 +60,7 @@ def is_oom(error: redis_errors.ResponseError) -> bool:
 
 
 class translated_errors:  # noqa: N801 - used like a function: `with translated_errors():`
-    """Turn redis-py errors into the contract's exceptions.
+    """Turn Redis errors (actors/redis_errors.py) into the contract's exceptions.
 
     A Redis at ``maxmemory`` refuses writes with an OOM error: that is
     reported as backpressure (retry later), never as a crash. A plain

@@ -9,12 +9,12 @@ and waits on a future; hiredis parses the replies, which go to the futures in
 the order the commands were written. Concurrent callers are pipelined for free.
 
 A broken connection (reset, closed, or a call that timed out: its reply
-would arrive out of turn) fails every call in flight with redis-py's
+would arrive out of turn) fails every call in flight with
 ``ConnectionError``/``TimeoutError``; the next call opens a new connection.
 Failed calls are retried ``RETRIES`` times with jittered backoff
 (``actors/connection.py`` says why every script may be). Error replies become
-redis-py's exception classes, which ``translated_errors`` turns into the
-public ones.
+the classes of ``actors/redis_errors.py``, which ``translated_errors`` turns
+into the public ones.
 """
 
 from __future__ import annotations
@@ -27,27 +27,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
-from redis import exceptions as redis_errors
 
+from actors import redis_errors
 from actors.endpoint import RedisEndpoint
-
-#: Error reply prefixes with their own redis-py exception classes; the rest
-#: are plain ``ResponseError``s.
-_ERRORS: dict[str, type[redis_errors.RedisError]] = {
-    "NOSCRIPT": redis_errors.NoScriptError,
-    "OOM": redis_errors.OutOfMemoryError,
-    "LOADING": redis_errors.BusyLoadingError,  # a ConnectionError: retried
-    "READONLY": redis_errors.ReadOnlyError,
-    "NOAUTH": redis_errors.AuthenticationError,
-    "WRONGPASS": redis_errors.AuthenticationError,
-}
-
-
-def reply_error(reply: hiredis.ReplyError) -> redis_errors.RedisError:
-    """The redis-py exception for an error reply."""
-    message = str(reply)
-    code = message.split(" ", 1)[0]
-    return _ERRORS.get(code, redis_errors.ResponseError)(message)
 
 
 class RespProtocol(asyncio.Protocol):
@@ -92,7 +74,7 @@ class RespProtocol(asyncio.Protocol):
             if future.done():
                 continue  # its caller was cancelled: the reply is dropped, order is kept
             if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(reply_error(reply))
+                future.set_exception(redis_errors.from_reply(reply))
             else:
                 future.set_result(reply)
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 import hiredis
-from redis import exceptions as redis_errors
 
+from actors import redis_errors
 from actors.backoff import Outage
 from actors.endpoint import RedisEndpoint
 from actors.multiplexed import RespProtocol, open_protocol

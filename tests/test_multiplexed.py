@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio
-from redis import exceptions as redis_errors
 
+from actors import redis_errors
 from actors.endpoint import RedisEndpoint
 from actors.exceptions import ScriptError
 from actors.models import ScrapingRequest, TaskStatus
