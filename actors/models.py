@@ -83,6 +83,29 @@ def ensure_json(value: Any, field: str) -> str:
         raise InvalidTaskException(field, f"is not JSON-serializable: {exc}") from None
 
 
+class ResultTooLarge(InvalidTaskException):
+    """A result over ``max_result_bytes``: the task fails for good (a retry returns as much)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            "data",
+            f"result is over max_result_bytes={limit}: "
+            "store big data elsewhere and return a reference",
+        )
+
+
+def stored_result(data: Any, limit: int) -> str:
+    """The JSON a task's result is stored as: the one check of what a worker reports.
+
+    Raises ``InvalidTaskException`` (field ``data``) for a value that is not
+    JSON and ``ResultTooLarge`` for one over ``limit`` bytes.
+    """
+    data_json = ensure_json(data, "data")
+    if len(data_json) > limit and len(data_json.encode()) > limit:  # len() first: cheap
+        raise ResultTooLarge(limit)
+    return data_json
+
+
 class ScrapingRequest(BaseModel):
     """One scraping task as the Gateway submits it."""
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -25,10 +26,11 @@ from actors.exceptions import (
 from actors.keys import KeySpace
 from actors.models import (
     DEFAULT_MAX_RETRIES,
+    ResultTooLarge,
     ScrapingRequest,
     ScrapingResponse,
     TaskStatus,
-    ensure_json,
+    stored_result,
 )
 from actors.multiplexed import MultiplexedConnection
 from actors.ratelimits import rate_keys
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Tasks per enqueue script call in ``enqueue_many``; each chunk is all or nothing.
 ENQUEUE_CHUNK = 500
+#: Leases ``dequeue_task`` remembers for ``complete_task`` at most.
+MAX_LEASES = 10_000
 #: Chunks of one ``enqueue_many`` in flight at once (sent while Redis runs the previous).
 ENQUEUE_WINDOW = 4
 
@@ -57,7 +61,9 @@ class RedisQueue:
         self._wakeup: Wakeup | None = None
         # Leases this instance handed out through dequeue_task: request id ->
         # (worker id, attempt), the fencing token complete_task reports with.
-        self.leases: dict[str, tuple[str, int]] = {}
+        # Bounded: the oldest of a caller that never reports are forgotten
+        # (their report is refused; the lease expires and the task reruns).
+        self.leases: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     async def connect(self) -> None:
         if self._connection is not None:
@@ -205,6 +211,13 @@ class RedisQueue:
                 request = await self.decode_lease(worker_id, lease)
                 if request is not None:
                     self.leases[request.request_id] = (worker_id, lease.attempt)
+                    if len(self.leases) > MAX_LEASES:
+                        forgotten, _ = self.leases.popitem(last=False)
+                        logger.warning(
+                            "보고되지 않은 임대가 %d개를 넘어 가장 오래된 작업 %s 의 임대를 잊음",
+                            MAX_LEASES,
+                            forgotten,
+                        )
                     return request
             if claim.leases:
                 continue  # the one claimed was a broken record: try the next
@@ -243,62 +256,53 @@ class TaskManager:
         """Record a task's outcome; returns False if the report was refused.
 
         A ``failed`` response is retried with backoff until ``max_retries``,
-        then dead-lettered. The report is fenced by the lease this process got
-        from ``dequeue_task``; a report for a lease taken over since (the task
-        was redelivered after this worker stalled) is refused and logged.
+        then dead-lettered; a ``cancelled`` one cancels the task. Every report
+        is fenced by the lease this process got from ``dequeue_task``: a
+        report for a lease taken over since (the task was redelivered after
+        this worker stalled), or for a task this process never dequeued, is
+        refused and logged. Raises ``InvalidTaskException`` (field ``data``)
+        for a result that is not JSON; one over ``max_result_bytes`` fails the
+        task for good.
         """
         queue = self.queue
-        lease = queue.leases.pop(response.request_id, None) or await self._current_lease(
-            response.request_id
-        )
+        lease = queue.leases.pop(response.request_id, None)
         if lease is None:
-            logger.warning("작업 %s 는 실행 중이 아니어서 결과를 거부함", response.request_id)
+            logger.warning(
+                "작업 %s 의 결과를 거부함: 이 프로세스가 임대한 작업이 아님 "
+                "(dequeue_task로 받은 작업만 보고할 수 있음)",
+                response.request_id,
+            )
             return False
         worker_id, attempt = lease
         if response.status is TaskStatus.COMPLETED:
-            data_json = ensure_json(response.data, "data")
             limit = queue.settings.tasks.max_result_bytes
-            if len(data_json.encode()) <= limit:
-                completion = Completion(
-                    response.request_id, attempt, data_json, response.execution_time or 0.0
+            try:
+                data_json = stored_result(response.data, limit)
+            except ResultTooLarge as exc:
+                return await self._fail(worker_id, response.request_id, attempt, str(exc), True)
+            completion = Completion(
+                response.request_id, attempt, data_json, response.execution_time or 0.0
+            )
+            (accepted,) = await queue.store.complete(worker_id, [completion])
+            if not accepted:
+                logger.warning(
+                    "작업 %s 시도 %d 의 임대가 만료되어 완료 보고를 거부함",
+                    response.request_id,
+                    attempt,
                 )
-                (accepted,) = await queue.store.complete(worker_id, [completion])
-                if not accepted:
-                    logger.warning(
-                        "작업 %s 시도 %d 의 임대가 만료되어 완료 보고를 거부함",
-                        response.request_id,
-                        attempt,
-                    )
-                return accepted
-            error = (
-                f"result is {len(data_json.encode())} bytes, over max_result_bytes={limit}: "
-                "store big data elsewhere and return a reference"
-            )
-            outcome, _ = await queue.store.fail(
-                worker_id, response.request_id, attempt, error, permanent=True
-            )
-            return outcome is not FailOutcome.REFUSED
+            return accepted
         if response.status is TaskStatus.CANCELLED:
-            return await queue.cancel_task(response.request_id)
-        outcome, _ = await queue.store.fail(
-            worker_id,
-            response.request_id,
-            attempt,
-            response.error or f"task reported status {response.status}",
-            permanent=False,
+            return await queue.store.cancel(response.request_id, lease=(worker_id, attempt))
+        error = response.error or f"task reported status {response.status}"
+        return await self._fail(worker_id, response.request_id, attempt, error, False)
+
+    async def _fail(
+        self, worker_id: str, request_id: str, attempt: int, error: str, permanent: bool
+    ) -> bool:
+        outcome, _ = await self.queue.store.fail(
+            worker_id, request_id, attempt, error, permanent=permanent
         )
         return outcome is not FailOutcome.REFUSED
-
-    async def _current_lease(self, request_id: str) -> tuple[str, int] | None:
-        """The lease of a running task dequeued by another process (unfenced report)."""
-        with translated_errors():
-            fields: Any = await self.queue.connection.execute(
-                "HMGET", self.queue.keys.task(request_id), "status", "worker", "attempt"
-            )
-        status, worker, attempt = fields
-        if status != b"running" or worker is None or attempt is None:
-            return None
-        return worker.decode(), int(attempt)
 
     async def get_task_status(self, request_id: str) -> TaskStatus | None:
         """The task's status in O(1), or None if it does not exist."""

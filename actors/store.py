@@ -318,9 +318,20 @@ class TaskStore:
         requeued, dead = await self._call("requeue_leases", [selector, target, self._ttl_ms])
         return int(requeued), int(dead)
 
-    async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+    async def cancel(
+        self, request_id: str, reason: str = "cancelled", lease: tuple[str, int] | None = None
+    ) -> bool:
+        """Cancel a task not yet finished; with ``lease`` (worker, attempt) only while it is held.
+
+        An operator's cancel takes no lease; a worker reporting its own task
+        cancelled does, so a stale worker cannot cancel the new holder's run.
+        """
+        worker, attempt = lease if lease is not None else ("", 0)
         return bool(
-            await self._call("cancel", [request_id, reason, self._ttl_ms, self.keys.gate_prefix])
+            await self._call(
+                "cancel",
+                [request_id, reason, self._ttl_ms, self.keys.gate_prefix, worker, attempt],
+            )
         )
 
     async def scan_tasks(self, cursor: int, count: int) -> tuple[int, list[str]]:

@@ -29,7 +29,7 @@ from actors.exceptions import (
     RateLimited,
 )
 from actors.exit_codes import ChildExit
-from actors.models import ensure_json
+from actors.models import ResultTooLarge, stored_result
 from actors.queue import WorkerMonitor
 from actors.ratelimits import domain_key
 from actors.scripts import find_script, set_attempt
@@ -213,18 +213,12 @@ class Worker(Actor):
             return
         elapsed = time.perf_counter() - started
         try:
-            data_json = ensure_json(result, "result")
+            data_json = stored_result(result, self.settings.tasks.max_result_bytes)
+        except ResultTooLarge as exc:
+            await self._fail(lease, str(exc), True)
+            return
         except InvalidTaskException as exc:
             await self._fail(lease, f"script returned a value that is not JSON: {exc}", True)
-            return
-        limit = self.settings.tasks.max_result_bytes
-        if len(data_json) > limit and len(data_json.encode()) > limit:
-            await self._fail(
-                lease,
-                f"result is over max_result_bytes={limit}: "
-                "store big data elsewhere and return a reference",
-                True,
-            )
             return
         self.completed.append(Completion(lease.request_id, lease.attempt, data_json, elapsed))
         self.flush_wanted.set()

@@ -49,6 +49,10 @@ def failed(request_id: str, error: str = "boom") -> ScrapingResponse:
     return ScrapingResponse(request_id=request_id, status=TaskStatus.FAILED, error=error)
 
 
+def cancelled(request_id: str) -> ScrapingResponse:
+    return ScrapingResponse(request_id=request_id, status=TaskStatus.CANCELLED)
+
+
 async def keys_of(queue: RedisQueue) -> list[bytes]:
     """Every key of the test's prefix: proves what a refused call did not write."""
     prefix = queue.settings.redis.key_prefix
@@ -295,6 +299,47 @@ async def test_report_for_a_task_that_is_not_running_is_refused(
     assert await manager.complete_task(completed(pending)) is False
     assert await manager.complete_task(completed("never-enqueued")) is False
     assert await manager.get_task_status(pending) is TaskStatus.PENDING
+
+
+async def test_report_from_a_process_that_did_not_dequeue_the_task_is_refused(
+    settings: Settings, queue: RedisQueue, manager: TaskManager
+) -> None:
+    request_id = await queue.enqueue_task(request())
+    await dequeue(queue, "holder")
+    async with RedisQueue(settings) as bystander:
+        # No lease of its own to fence with: refused, whatever the status says.
+        assert await TaskManager(bystander).complete_task(completed(request_id, "x")) is False
+        assert await TaskManager(bystander).complete_task(cancelled(request_id)) is False
+
+    assert await manager.get_task_status(request_id) is TaskStatus.RUNNING
+    assert await manager.complete_task(completed(request_id, "mine")) is True
+
+
+async def test_a_stale_workers_cancelled_report_does_not_cancel_the_new_holders_run(
+    settings: Settings, queue: RedisQueue, manager: TaskManager
+) -> None:
+    request_id = await queue.enqueue_task(request())
+    await dequeue(queue, "stalled")
+    await expire_lease(queue, request_id)
+    async with RedisQueue(settings) as other:
+        await dequeue(other, "fresh")
+
+        assert await manager.complete_task(cancelled(request_id)) is False
+        assert await manager.get_task_status(request_id) is TaskStatus.RUNNING
+        assert await TaskManager(other).complete_task(cancelled(request_id)) is True
+
+    assert await manager.get_task_status(request_id) is TaskStatus.CANCELLED
+
+
+async def test_leases_remembered_for_reports_are_bounded(
+    queue: RedisQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_module, "MAX_LEASES", 3)
+    ids = [await queue.enqueue_task(request()) for _ in range(5)]
+    for _ in ids:
+        await dequeue(queue)
+
+    assert list(queue.leases) == ids[2:]  # the two oldest forgotten
 
 
 # -- cancel_task ---------------------------------------------------------------------------

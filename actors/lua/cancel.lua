@@ -8,15 +8,21 @@
 -- ARGV[6] reason
 -- ARGV[7] result ttl in ms
 -- ARGV[8] gate key prefix (a pending task may wait in its rate key's gate)
+-- ARGV[9] worker id and ARGV[10] attempt: cancel only while this lease is held
+--         (a worker reporting its own task cancelled); "" = any (an operator)
 --
 -- A running task is cancelled at once in Redis; its worker learns it at its
 -- next lease renewal (renew reports the lease lost) and its late result is
 -- refused by the fencing check.
--- Returns 1 if cancelled, 0 if the task is unknown or already finished.
+-- Returns 1 if cancelled, 0 if the task is unknown, already finished, or the
+-- lease given is not held.
 
 local id, reason, ttl_ms = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local status = redis.call('HGET', PREFIX .. id, 'status')
 if status ~= 'pending' and status ~= 'retrying' and status ~= 'running' then
+  return 0
+end
+if ARGV[9] ~= '' and not holds_lease(id, ARGV[9], ARGV[10]) then
   return 0
 end
 local now = now_ms()
