@@ -19,6 +19,16 @@ import time
 BACKOFF_CAP = 5.0
 
 
+def jittered(attempt: int, base: float, cap: float) -> float:
+    """The wait before try ``attempt + 1``: doubling per failure, capped, jittered.
+
+    The one backoff rule of every retry loop (a call on a broken connection,
+    an actor loop, a subscription): half to all of ``min(cap, base * 2**attempt)``.
+    """
+    ceiling: float = min(cap, base * 2.0 ** min(attempt, 30))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
 class Outage:
     """Tracks one loop's run of failures."""
 
@@ -40,9 +50,8 @@ class Outage:
         self._last_log = 0.0
 
     def delay(self) -> float:
-        """The wait before the next try: doubling per failure, capped, jittered."""
-        ceiling: float = min(self.cap, self.base * 2.0 ** min(self.failures, 30))
-        return ceiling * random.uniform(0.5, 1.0)
+        """The wait before the next try (:func:`jittered`)."""
+        return jittered(self.failures, self.base, self.cap)
 
     async def failed(self, error: BaseException) -> None:
         """Record a failure, log it if due, and wait before the next try."""

@@ -20,7 +20,6 @@ into the public ones.
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Any, cast
 import hiredis
 
 from actors import redis_errors
+from actors.backoff import jittered
 from actors.endpoint import RedisEndpoint
 
 
@@ -165,8 +165,7 @@ class MultiplexedConnection:
                 if attempt >= self._retries or self._closed:
                     raise
                 attempt += 1
-                ceiling = min(self._backoff_cap, self._backoff_base * 2**attempt)
-                await asyncio.sleep(random.uniform(0, ceiling))
+                await asyncio.sleep(jittered(attempt, self._backoff_base, self._backoff_cap))
 
     async def execute_many(self, *commands: Sequence[Any]) -> list[Any]:
         """Run commands pipelined (all written before any reply is awaited); replies in order."""
