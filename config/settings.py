@@ -171,6 +171,10 @@ class SupervisorSettings(_Section):
     restart_window: Seconds = 60.0
     state_dir: Path = Path(".scrapeq")
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    # Loopback by default: /metrics shows queue depths and worker hosts to anyone who reaches it.
+    metrics_host: Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\s/]+$")] = (
+        "127.0.0.1"
+    )
 
 
 @dataclass(frozen=True)

@@ -135,15 +135,13 @@ class MetricsServer:
         self._thread.join()
 
 
-def start_metrics_server(
-    settings: Settings, queue: RedisQueue, host: str = "0.0.0.0"
-) -> MetricsServer | None:
-    """Serve ``/metrics`` on ``supervisor.metrics_port``; None when that is 0 (off).
+def start_metrics_server(settings: Settings, queue: RedisQueue) -> MetricsServer | None:
+    """Serve ``/metrics`` on ``supervisor.metrics_host:metrics_port``; None when the port is 0.
 
     Call it on the loop that ``queue`` belongs to. Raises ``OSError`` when the
     port cannot be bound.
     """
-    port = settings.supervisor.metrics_port
+    host, port = settings.supervisor.metrics_host, settings.supervisor.metrics_port
     if port == 0:
         return None
     server = MetricsServer(queue, asyncio.get_running_loop(), host, port)

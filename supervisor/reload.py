@@ -13,6 +13,7 @@ _RESTART_ONLY: dict[str, tuple[str, ...]] = {
     "supervisor": (
         "state_dir",
         "metrics_port",
+        "metrics_host",
         "max_restarts",
         "restart_window",
         "restart_backoff_max",

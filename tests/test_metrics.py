@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -104,6 +105,27 @@ async def test_metrics_server_is_off_when_the_port_is_0(
     assert start_metrics_server(settings, queue) is None
 
 
+def on_port(settings: Settings, **supervisor: Any) -> Settings:
+    """``settings`` with /metrics on a free port (and any other [supervisor] keys given)."""
+    changes = {"metrics_port": free_port(), **supervisor}
+    return settings.model_copy(
+        update={"supervisor": settings.supervisor.model_copy(update=changes)}
+    )
+
+
+@pytest.mark.parametrize(("host", "bound"), [(None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")])
+async def test_metrics_server_binds_loopback_unless_metrics_host_says_otherwise(
+    settings: Settings, queue: RedisQueue, host: str | None, bound: str
+) -> None:
+    configured = on_port(settings, metrics_host=host) if host else on_port(settings)
+    metrics = start_metrics_server(configured, queue)
+    assert metrics is not None
+    try:
+        assert metrics._server.server_address[0] == bound
+    finally:
+        await asyncio.to_thread(metrics.close)
+
+
 async def test_metrics_server_listens_on_the_configured_port(
     settings: Settings, queue: RedisQueue
 ) -> None:
@@ -111,7 +133,7 @@ async def test_metrics_server_listens_on_the_configured_port(
     configured = settings.model_copy(
         update={"supervisor": settings.supervisor.model_copy(update={"metrics_port": port})}
     )
-    metrics = start_metrics_server(configured, queue, host="127.0.0.1")
+    metrics = start_metrics_server(configured, queue)
     assert metrics is not None
     try:
         assert metrics.port == port
