@@ -33,8 +33,12 @@ RETRIES = 2
 
 
 def endpoint_of(settings: Settings) -> RedisEndpoint:
-    """The endpoint ``[redis] url`` names (the settings already validated it)."""
-    return RedisEndpoint.parse(settings.redis.url)
+    """The endpoint ``[redis]`` names: the URL (validated with the settings), and the
+    Sentinels that find its master when ``sentinel`` lists any."""
+    endpoint = RedisEndpoint.parse(settings.redis.url)
+    if settings.redis.sentinel:
+        endpoint = endpoint.with_sentinels(settings.redis.sentinel, settings.redis.master_name)
+    return endpoint
 
 
 def open_calls(settings: Settings) -> MultiplexedConnection:

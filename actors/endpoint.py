@@ -23,7 +23,8 @@ URL forms (redis-py's names, so a URL written for redis-py means the same):
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -94,6 +95,10 @@ class RedisEndpoint:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: TlsOptions | None = None
+    # With Sentinels, host and port are unused: each connection asks the
+    # Sentinels where the master named ``master_name`` is now.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = ""
 
     @classmethod
     def parse(cls, url: str) -> RedisEndpoint:
@@ -138,9 +143,20 @@ class RedisEndpoint:
             tls=_tls_options(options) if parts.scheme == "rediss" else None,
         )
 
+    def with_sentinels(self, sentinels: Sequence[str], master_name: str) -> RedisEndpoint:
+        """This endpoint, found through Sentinels (``"host:port"`` each) by ``master_name``."""
+        addresses = []
+        for sentinel in sentinels:
+            host, _, port = sentinel.rpartition(":")
+            addresses.append((host, int(port)))
+        return replace(self, sentinels=tuple(addresses), master_name=master_name)
+
     @property
     def address(self) -> str:
         """Where the server is, fit for any message (no credentials)."""
+        if self.sentinels:
+            where = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"sentinel://{where}/{self.master_name}/{self.db}"
         if self.path is not None:
             return f"unix://{self.path}"
         scheme = "rediss" if self.tls else "redis"

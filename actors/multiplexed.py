@@ -161,6 +161,16 @@ class MultiplexedConnection:
                     protocol = await self._connected()
                 # A cancelled caller leaves a cancelled future: its reply is skipped.
                 return await protocol.send(packed)
+            except redis_errors.ReadOnlyError as exc:
+                # The server became a replica (a failover demoted it) and refused a
+                # write, so nothing was written: reconnect (through the Sentinels:
+                # to the new master) and try again, like a broken connection.
+                if protocol is not None:
+                    protocol.abort(redis_errors.ConnectionError(f"server is read-only: {exc}"))
+                if attempt >= self._retries or self._closed:
+                    raise redis_errors.ConnectionError(f"Redis is read-only: {exc}") from exc
+                attempt += 1
+                await asyncio.sleep(jittered(attempt, self._backoff_base, self._backoff_cap))
             except (redis_errors.ConnectionError, redis_errors.TimeoutError):
                 if attempt >= self._retries or self._closed:
                     raise
@@ -216,18 +226,23 @@ class MultiplexedConnection:
 
 
 async def open_protocol(endpoint: RedisEndpoint, timeout: float) -> RespProtocol:
-    """A connected protocol, authenticated and on the right database: every connection's start."""
+    """A connected protocol, authenticated and on the right database: every connection's start.
+
+    Through Sentinels, the master is looked up anew for every connection and
+    asked its ``ROLE``: a connection opened while a failover is under way
+    fails (and is retried) rather than landing on a replica.
+    """
+    host, port = endpoint.host, endpoint.port
+    if endpoint.sentinels:
+        host, port = await master_address(endpoint, timeout)
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            if endpoint.path is not None:
+            if endpoint.path is not None and not endpoint.sentinels:
                 _, protocol = await loop.create_unix_connection(RespProtocol, endpoint.path)
             else:
                 _, protocol = await loop.create_connection(
-                    RespProtocol,
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=endpoint.tls.context() if endpoint.tls else None,
+                    RespProtocol, host, port, ssl=endpoint.tls.context() if endpoint.tls else None
                 )
     except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError: a refused certificate
         raise redis_errors.ConnectionError(
@@ -248,4 +263,42 @@ async def open_protocol(endpoint: RedisEndpoint, timeout: float) -> RespProtocol
         if isinstance(exc, TimeoutError):
             raise redis_errors.TimeoutError("no reply from Redis to AUTH/SELECT") from exc
         raise
+    if endpoint.sentinels:
+        await _check_master(protocol, host, port, timeout)
     return protocol
+
+
+async def master_address(endpoint: RedisEndpoint, timeout: float) -> tuple[str, int]:
+    """Where the Sentinels say the master is now; the first Sentinel that answers wins."""
+    loop = asyncio.get_running_loop()
+    lookup: tuple[Any, ...] = ("SENTINEL", "GET-MASTER-ADDR-BY-NAME", endpoint.master_name)
+    errors = []
+    for host, port in endpoint.sentinels:
+        try:
+            async with asyncio.timeout(timeout):
+                _, sentinel = await loop.create_connection(RespProtocol, host, port)
+                try:
+                    reply = await sentinel.send(hiredis.pack_command(lookup))
+                finally:
+                    sentinel.abort(redis_errors.ConnectionError("lookup done"))
+        except (OSError, TimeoutError, redis_errors.RedisError) as exc:
+            errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
+            continue
+        if reply:
+            return reply[0].decode(), int(reply[1])
+        errors.append(f"{host}:{port}: no master named {endpoint.master_name!r}")
+    raise redis_errors.ConnectionError("no Sentinel knows the master: " + "; ".join(errors))
+
+
+async def _check_master(protocol: RespProtocol, host: str, port: int, timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            role = await protocol.send(hiredis.pack_command(("ROLE",)))
+    except BaseException as exc:
+        protocol.abort(redis_errors.ConnectionError(f"ROLE failed: {exc}"))
+        raise redis_errors.ConnectionError(f"no answer to ROLE from {host}:{port}") from exc
+    if role[0] != b"master":
+        protocol.abort(redis_errors.ConnectionError("not the master"))
+        raise redis_errors.ConnectionError(
+            f"{host}:{port} is a {role[0].decode()}, not the master: a failover is under way"
+        )

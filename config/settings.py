@@ -32,6 +32,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
@@ -84,11 +85,34 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SentinelAddress = Annotated[str, StringConstraints(pattern=r"^[^\s:/]+:\d{1,5}$")]
+
+
 class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     embedded: Literal["auto", "always", "never"] = "auto"
     # Braces would break the {hash tag} the key space wraps the prefix in.
     key_prefix: Annotated[str, StringConstraints(pattern=r"^[^\s{}]+$")] = "scraping"
+    # Find the master through these Sentinels ("host:port"); the URL's host
+    # and port are then unused, its credentials, database and TLS options apply.
+    sentinel: tuple[SentinelAddress, ...] = ()
+    master_name: Annotated[str, StringConstraints(min_length=1, pattern=r"^\S+$")] = "mymaster"
+    cluster: bool = False
+
+    @field_validator("cluster")
+    @classmethod
+    def _no_cluster_yet(cls, cluster: bool) -> bool:
+        if cluster:
+            raise ValueError(
+                "Redis Cluster is not supported by this version (the partitioned queue adds it)"
+            )
+        return cluster
+
+    @model_validator(mode="after")
+    def _sentinel_is_not_embedded(self) -> Self:
+        if self.sentinel and self.embedded == "always":
+            raise ValueError("embedded = 'always' cannot be combined with redis.sentinel")
+        return self
 
     @field_validator("url")
     @classmethod

@@ -56,6 +56,8 @@ def run_supervisor(settings: Settings, config_path: Path | None) -> int:
 
 
 def _start_embedded(settings: Settings) -> RedisServer | None:
+    if settings.redis.sentinel:  # the Sentinels say where Redis is: never one of ours
+        return None
     if not should_start_embedded(settings.redis.embedded, settings.redis.url):
         return None
     return start_embedded(settings.redis.url, settings.supervisor.state_dir)
