@@ -83,6 +83,10 @@ def ensure_json(value: Any, field: str) -> str:
         raise InvalidTaskException(field, f"is not JSON-serializable: {exc}") from None
 
 
+#: The longest ``expires_in`` (seconds): one year.
+MAX_EXPIRES_IN = 365 * 86400
+
+
 class ResultTooLarge(InvalidTaskException):
     """A result over ``max_result_bytes``: the task fails for good (a retry returns as much)."""
 
@@ -118,7 +122,8 @@ class ScrapingRequest(BaseModel):
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=7 * 86400, allow_inf_nan=False)
     priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
-    expires_in: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # At most a year: a caller waits far less, and Redis's clock math stays in range.
+    expires_in: float | None = Field(default=None, gt=0, le=MAX_EXPIRES_IN, allow_inf_nan=False)
     rate_key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,253}$")
     created_at: datetime = Field(default_factory=_utcnow)
 

@@ -49,6 +49,20 @@ SCRIPT_NAMES = (
 WORKER_FORGET_MS = 5 * 60 * 1000
 
 
+#: The longest error text stored for a failed attempt. It is kept in the task's
+#: record, in up to 20 history entries, in the response and in an event: an
+#: exception that carries a whole scraped page must not multiply into megabytes.
+MAX_ERROR_CHARS = 4000
+
+
+def bounded_error(error: str) -> str:
+    """``error`` cut to ``MAX_ERROR_CHARS``, with a marker saying that it was and from what."""
+    if len(error) <= MAX_ERROR_CHARS:
+        return error
+    marker = f" ... [truncated: the error had {len(error)} characters]"
+    return error[: MAX_ERROR_CHARS - len(marker)] + marker
+
+
 def script_source(name: str) -> str:
     folder = resources.files("actors") / "lua"
     return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
@@ -254,14 +268,17 @@ class TaskStore:
     async def fail(
         self, worker_id: str, request_id: str, attempt: int, error: str, *, permanent: bool
     ) -> tuple[FailOutcome, float]:
-        """Report a failed attempt; returns the outcome and the retry delay in seconds."""
+        """Report a failed attempt; returns the outcome and the retry delay in seconds.
+
+        ``error`` is stored cut to ``MAX_ERROR_CHARS`` (see :func:`bounded_error`).
+        """
         code, delay_ms = await self._call(
             "fail",
             [
                 worker_id,
                 request_id,
                 attempt,
-                error,
+                bounded_error(error),
                 1 if permanent else 0,
                 self._backoff_ms,
                 self._backoff_max_ms,

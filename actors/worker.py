@@ -33,7 +33,7 @@ from actors.models import ResultTooLarge, stored_result
 from actors.queue import WorkerMonitor
 from actors.ratelimits import domain_key
 from actors.scripts import find_script, set_attempt
-from actors.store import Completion, Lease
+from actors.store import Completion, Lease, bounded_error
 from actors.wakeup import Wakeup
 from config.settings import Settings
 
@@ -224,6 +224,7 @@ class Worker(Actor):
         self.flush_wanted.set()
 
     async def _fail(self, lease: Lease, error: str, permanent: bool) -> None:
+        error = bounded_error(error)  # a scraped page in an exception must not flood the log
         logger.warning(
             "%s: 작업 %s 실패 (시도 %d): %s", self.actor_id, lease.request_id, lease.attempt, error
         )

@@ -92,6 +92,8 @@ def test_parameters_that_are_not_strict_json_are_rejected(parameters: dict[str, 
         ("timeout", math.nan),
         ("expires_in", 0),
         ("expires_in", math.inf),
+        ("expires_in", 1.7e308),  # x 1000 overflowed to inf: OverflowError at enqueue
+        ("expires_in", 365 * 86400 + 1),
         ("script_name", "has space"),
         ("script_version", "v" * 65),
         ("rate_key", "bad key"),

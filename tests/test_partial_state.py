@@ -10,6 +10,7 @@ raw keys.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from test_store_scripts import derive, read_hash, record, request, sets_holding
 from actors.models import ScrapingRequest, TaskStatus
 from actors.queue import RedisQueue, TaskManager
 from actors.reaper import Reaper
-from actors.store import Completion
+from actors.store import MAX_ERROR_CHARS, Completion
 from config.settings import Settings
 
 #: The set each live status must be found in (a pending task may wait in a gate instead).
@@ -280,3 +281,21 @@ async def orphans_cleared(queue: RedisQueue) -> bool:
 
 async def status_is(manager: TaskManager, request_id: str, status: TaskStatus) -> bool:
     return await manager.get_task_status(request_id) is status
+
+
+async def test_a_huge_error_is_stored_cut_with_a_marker_everywhere_it_goes(
+    queue: RedisQueue, manager: TaskManager
+) -> None:
+    page = "<html>" + "x" * 5_000_000
+    request_id = await queue.enqueue_task(request(max_retries=1))
+    lease = (await queue.store.claim("w1", 1)).leases[0]
+
+    await queue.store.fail("w1", request_id, lease.attempt, page, permanent=True)
+
+    stored = await record(queue, request_id)
+    assert len(stored["error"]) == MAX_ERROR_CHARS
+    assert stored["error"].endswith("[truncated: the error had 5000006 characters]")
+    assert all(len(entry["error"]) == MAX_ERROR_CHARS for entry in json.loads(stored["history"]))
+    response = await manager.get_response(request_id)
+    assert response is not None
+    assert response.error == stored["error"]
