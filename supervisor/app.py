@@ -24,7 +24,13 @@ from supervisor.logs import configure_logging
 from supervisor.metrics import MetricsServer, start_metrics_server
 from supervisor.notify import SystemdNotifier
 from supervisor.process_backend import SpawnBackend
-from supervisor.redis_checks import EpochGuard, EvictionPolicyError, check_eviction_policy
+from supervisor.redis_checks import (
+    EpochGuard,
+    EvictionPolicyError,
+    ServerVersionError,
+    check_eviction_policy,
+    check_server_version,
+)
 from supervisor.redis_server import RedisServer, RedisServerError
 from supervisor.signals import SignalCommands
 from supervisor.tree import ProcessTree
@@ -93,6 +99,8 @@ async def _connect_and_supervise(
     metrics = None
     try:
         await queue.connect()
+        version = await check_server_version(queue.connection)
+        logger.info("Redis %s 연결됨: %s", version, url)
         await check_eviction_policy(queue.connection)
         epoch = EpochGuard(queue.connection, queue.keys)
         await epoch.establish()
@@ -115,7 +123,7 @@ async def _connect_and_supervise(
     except QueueConnectionException as exc:
         logger.error("Redis(%s)에 연결할 수 없어 시작하지 않습니다: %s", url, exc)
         return CliExit.REDIS_UNREACHABLE
-    except EvictionPolicyError as exc:
+    except (EvictionPolicyError, ServerVersionError) as exc:
         logger.error("Redis(%s) 설정 때문에 시작을 거부합니다: %s", url, exc)
         return CliExit.USAGE
     finally:

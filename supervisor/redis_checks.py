@@ -24,6 +24,46 @@ class EvictionPolicyError(Exception):
     """The server may evict keys; the queue would lose tasks."""
 
 
+class ServerVersionError(Exception):
+    """The server is older than the scripts need."""
+
+
+#: The scripts use ZADD LT/GT and ZRANGE REV (Redis 6.2).
+MIN_VERSION = (6, 2)
+
+
+def too_old(version: str) -> bool:
+    """Whether a server of ``version`` ("7.0.15", "6.0.16", "255.255.255") lacks what we use."""
+    parts = [int(part) if part.isdigit() else 0 for part in version.split(".")[:2]]
+    return tuple(parts + [0] * (2 - len(parts))) < MIN_VERSION
+
+
+async def check_server_version(connection: MultiplexedConnection) -> str:
+    """Raise `ServerVersionError` for a Redis older than 6.2; returns the version.
+
+    Asks ``HELLO`` (no protocol switch), which an ACL rarely refuses, unlike ``INFO``.
+    A server without ``HELLO`` is older than 6.0.
+    """
+    try:
+        with translated_errors():
+            reply = await connection.execute("HELLO")
+    except ScriptError as exc:
+        if "unknown command" in str(exc).lower():
+            raise ServerVersionError(
+                "Redis is older than 6.0 (no HELLO); scrapeq needs Redis 6.2 or newer"
+            ) from None
+        logger.warning("Redis 버전을 확인할 수 없어 검사를 건너뜁니다: %s", exc)
+        return "unknown"
+    fields = dict(zip(reply[::2], reply[1::2], strict=False))
+    version = str(fields.get(b"version", b"0").decode())
+    if too_old(version):
+        raise ServerVersionError(
+            f"Redis {version} is too old: scrapeq needs Redis "
+            f"{'.'.join(map(str, MIN_VERSION))} or newer (ZADD LT, ZRANGE REV)"
+        )
+    return version
+
+
 async def check_eviction_policy(connection: MultiplexedConnection) -> None:
     """Raise `EvictionPolicyError` unless ``maxmemory-policy`` is ``noeviction``.
 
@@ -109,8 +149,15 @@ class EpochGuard:
                     return value
 
     async def _server_run_id(self) -> str:
-        with translated_errors():
-            info: bytes = await self._connection.execute("INFO", "server")
+        """The server's ``run_id``; "" where an ACL refuses ``INFO`` (restarts then go
+        unnoticed by this check, while lost data is still caught by the epoch key)."""
+        try:
+            with translated_errors():
+                info: bytes = await self._connection.execute("INFO", "server")
+        except ScriptError as exc:
+            if self._run_id is None:
+                logger.warning("Redis INFO가 거부되어 재시작 감지(run_id)를 건너뜁니다: %s", exc)
+            return ""
         return info_field(info, "run_id")
 
 

@@ -32,7 +32,7 @@ from actors.models import ScrapingRequest, TaskStatus
 from actors.multiplexed import MultiplexedConnection
 from actors.queue import RedisQueue, TaskManager
 from config.settings import Settings
-from supervisor.redis_checks import check_eviction_policy
+from supervisor.redis_checks import check_eviction_policy, check_server_version, too_old
 from supervisor.redis_server import RedisServer, free_port, is_ready
 from supervisor.tree import SINGLETON_KINDS
 
@@ -276,3 +276,45 @@ async def test_eviction_check_is_skipped_when_the_user_may_not_read_the_config(
         await redis_client.acl_deluser(user)
 
     assert "maxmemory-policy를 확인할 수 없어" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("version", "old"),
+    [("6.0.16", True), ("5.0.7", True), ("6.2.0", False), ("7.0.15", False), ("8.0", False)],
+)
+def test_a_server_older_than_6_2_is_too_old(version: str, old: bool) -> None:
+    assert too_old(version) is old
+
+
+async def test_server_version_is_read_from_hello(queue: RedisQueue) -> None:
+    version = await check_server_version(queue.connection)
+
+    assert not too_old(version)
+
+
+async def test_supervisor_starts_and_works_when_an_acl_refuses_info_config_and_hello(
+    settings: Settings,
+    redis_client: redis.asyncio.Redis,
+    queue: RedisQueue,
+    launch: Launcher,
+    tmp_path: Path,
+) -> None:
+    user, password = f"noinfo-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await redis_client.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all",
+        "-info", "-config", "-hello",
+    )  # fmt: skip
+    url = settings.redis.url.replace("redis://", f"redis://{user}:{password}@", 1)
+    try:
+        supervisor = launch(config_file(tmp_path, settings, processes=1, redis={"url": url}))
+        await wait_for_workers(queue, supervisor, 1)
+        request_id = await queue.enqueue_task(ScrapingRequest(script_name="echo"))
+        response = await queue.wait_for_response(request_id, 20)
+        assert response.status is TaskStatus.COMPLETED
+        supervisor.send(signal.SIGTERM)
+        assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0, supervisor.output()
+    finally:
+        await redis_client.execute_command("ACL", "DELUSER", user)
+    output = supervisor.output()
+    assert "Traceback" not in output
+    assert "run_id" in output  # the warning that restarts go unnoticed by run_id
