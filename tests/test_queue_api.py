@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,15 +225,23 @@ async def test_completed_task_has_its_response_and_status(
     assert response.completed_at is not None
 
 
-async def test_late_completion_after_a_takeover_is_refused_and_the_task_completes_once(
-    settings: Settings, queue: RedisQueue, manager: TaskManager
-) -> None:
-    request_id = await queue.enqueue_task(request())
+@contextlib.asynccontextmanager
+async def taken_over(
+    settings: Settings, queue: RedisQueue, request_id: str
+) -> AsyncIterator[RedisQueue]:
+    """``queue`` dequeues the task as "stalled", its lease expires, another process takes it."""
     await dequeue(queue, "stalled")
     await expire_lease(queue, request_id)
     async with RedisQueue(settings) as other:
         await dequeue(other, "fresh")
+        yield other
 
+
+async def test_late_completion_after_a_takeover_is_refused_and_the_task_completes_once(
+    settings: Settings, queue: RedisQueue, manager: TaskManager
+) -> None:
+    request_id = await queue.enqueue_task(request())
+    async with taken_over(settings, queue, request_id) as other:
         late = await manager.complete_task(completed(request_id, "late"))
         current = await TaskManager(other).complete_task(completed(request_id, "fresh"))
 
@@ -319,11 +328,7 @@ async def test_a_stale_workers_cancelled_report_does_not_cancel_the_new_holders_
     settings: Settings, queue: RedisQueue, manager: TaskManager
 ) -> None:
     request_id = await queue.enqueue_task(request())
-    await dequeue(queue, "stalled")
-    await expire_lease(queue, request_id)
-    async with RedisQueue(settings) as other:
-        await dequeue(other, "fresh")
-
+    async with taken_over(settings, queue, request_id) as other:
         assert await manager.complete_task(cancelled(request_id)) is False
         assert await manager.get_task_status(request_id) is TaskStatus.RUNNING
         assert await TaskManager(other).complete_task(cancelled(request_id)) is True
