@@ -294,6 +294,8 @@ async def _check_master(protocol: RespProtocol, host: str, port: int, timeout: f
     try:
         async with asyncio.timeout(timeout):
             role = await protocol.send(hiredis.pack_command(("ROLE",)))
+    except redis_errors.ResponseError:
+        return  # an ACL without ROLE: trust the Sentinels (READONLY still reconnects)
     except BaseException as exc:
         protocol.abort(redis_errors.ConnectionError(f"ROLE failed: {exc}"))
         raise redis_errors.ConnectionError(f"no answer to ROLE from {host}:{port}") from exc

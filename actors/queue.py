@@ -34,6 +34,7 @@ from actors.models import (
 )
 from actors.multiplexed import MultiplexedConnection
 from actors.ratelimits import rate_keys
+from actors.rights import PRODUCER_PROBED
 from actors.store import Completion, EnqueueItem, FailOutcome, Lease, TaskStore
 from actors.waiters import ResponseHub
 from actors.wakeup import Wakeup
@@ -69,14 +70,23 @@ class RedisQueue:
         if self._connection is not None:
             return
         connection = open_calls(self.settings)
+        store = TaskStore(connection, self.keys, self.settings)
         try:
             with translated_errors():
                 await connection.execute("PING")
+            # An ACL user without a right the API needs is refused now, by name,
+            # not on some later call (and not half-way through a script).
+            missing = await store.missing_rights(PRODUCER_PROBED)
+            if missing:
+                raise QueueConnectionException(
+                    f"the Redis user may not run {', '.join(missing)}: "
+                    "grant them (docs/deploy.md, 'ACL users')"
+                )
         except BaseException:
             await connection.close()
             raise
         self._connection = connection
-        self._store = TaskStore(connection, self.keys, self.settings)
+        self._store = store
         self._hub = ResponseHub(self.settings, self.keys, self.read_responses)
 
     async def close(self) -> None:

@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from actors.connection import translated_errors
-from actors.exceptions import BackpressureException, DuplicateTaskException
+from actors.exceptions import BackpressureException, DuplicateTaskException, ScriptError
 from actors.keys import KeySpace
 from actors.multiplexed import MultiplexedConnection
 from config.settings import Settings
@@ -37,6 +37,7 @@ SCRIPT_NAMES = (
     "heartbeat",
     "lock",
     "mark_lost",
+    "probe",
     "promote",
     "release",
     "renew",
@@ -111,6 +112,7 @@ SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
     "heartbeat": ("workers", "<worker>"),
     "lock": ("<lock>",),
     "mark_lost": ("workers",),
+    "probe": (),
     "promote": ("pending", "delayed"),
     "release": ("running", "pending", "delayed", "stats", "paused"),
     "renew": ("running",),
@@ -369,6 +371,20 @@ class TaskStore:
         """Requeue the given dead letters, or all of them when ``request_ids`` is None."""
         args = ["all"] if request_ids is None else ["ids", *request_ids]
         return int(await self._call("dlq_requeue", args))
+
+    async def missing_rights(self, commands: Sequence[str]) -> list[str]:
+        """Which of ``commands`` (names as in actors/rights.py) this Redis user may not run.
+
+        Runs probe.lua, which tries each with harmless arguments. A user that
+        may not even load or run a script gets ``["EVALSHA", "SCRIPT|LOAD"]``.
+        """
+        try:
+            missing = await self._call("probe", list(commands))
+        except ScriptError as exc:
+            if "noperm" in str(exc).lower() or "permission" in str(exc).lower():
+                return ["EVALSHA", "SCRIPT|LOAD"]
+            raise
+        return [name.decode() for name in missing]
 
     async def dlq_purge(self) -> int:
         return int(await self._call("dlq_purge", []))

@@ -135,6 +135,9 @@ class Subscription:
         await self._outage.failed(error)
 
     def _on_reply(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):  # e.g. NOPERM: an ACL without the channel
+            logger.error("구독 요청이 거부됨: %s", reply)
+            return
         if not isinstance(reply, list) or len(reply) != 3 or reply[0] not in _KINDS:
             return  # a pong, or a reply to nothing we need
         if reply[0] == b"subscribe":

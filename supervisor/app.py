@@ -18,6 +18,7 @@ from actors.endpoint import redacted
 from actors.exceptions import QueueConnectionException
 from actors.exit_codes import CliExit
 from actors.queue import RedisQueue
+from actors.rights import WORKER_HOST_PROBED
 from config.settings import Settings
 from supervisor.embedded import should_start_embedded, start_embedded
 from supervisor.logs import configure_logging
@@ -99,6 +100,13 @@ async def _connect_and_supervise(
     metrics = None
     try:
         await queue.connect()
+        missing = await queue.store.missing_rights(WORKER_HOST_PROBED)
+        if missing:
+            logger.error(
+                "Redis 사용자에게 필요한 권한이 없어 시작하지 않습니다: %s (docs/deploy.md 참고)",
+                ", ".join(missing),
+            )
+            return CliExit.USAGE
         version = await check_server_version(queue.connection)
         logger.info("Redis %s 연결됨: %s", version, url)
         await check_eviction_policy(queue.connection)

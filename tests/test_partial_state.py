@@ -10,6 +10,7 @@ raw keys.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -21,10 +22,14 @@ from helpers import admin, wait_for
 from test_reaper_heartbeat import running
 from test_store_scripts import derive, read_hash, record, request, sets_holding
 
+from actors.endpoint import RedisEndpoint
+from actors.exceptions import QueueConnectionException
+from actors.keys import KeySpace
 from actors.models import ScrapingRequest, TaskStatus
+from actors.multiplexed import MultiplexedConnection
 from actors.queue import RedisQueue, TaskManager
 from actors.reaper import Reaper
-from actors.store import MAX_ERROR_CHARS, Completion
+from actors.store import MAX_ERROR_CHARS, Completion, TaskStore
 from config.settings import Settings
 
 #: The set each live status must be found in (a pending task may wait in a gate instead).
@@ -65,15 +70,34 @@ async def restricted_url(redis_url: str, redis_client: Any) -> AsyncIterator[str
     await redis_client.execute_command("ACL", "DELUSER", user)
 
 
-def as_user(settings: Settings, url: str) -> Settings:
-    return derive(settings, redis={"url": url})
+@contextlib.asynccontextmanager
+async def store_as(settings: Settings, url: str) -> AsyncIterator[TaskStore]:
+    """The scripts, run as the Redis user of ``url``.
+
+    Below the API on purpose: ``RedisQueue.connect`` refuses a user without a
+    right the API needs (test_a_user_without_channel_rights_is_refused_at_connect),
+    but a right can also be taken away while the system runs.
+    """
+    connection = MultiplexedConnection(RedisEndpoint.parse(url), retries=0)
+    try:
+        yield TaskStore(connection, KeySpace(settings.redis.key_prefix), settings)
+    finally:
+        await connection.close()
+
+
+async def test_a_user_without_channel_rights_is_refused_at_connect(
+    settings: Settings, restricted_url: str
+) -> None:
+    with pytest.raises(QueueConnectionException, match="PUBLISH"):
+        await RedisQueue(derive(settings, redis={"url": restricted_url})).connect()
 
 
 async def test_enqueue_by_a_user_without_channel_rights_still_queues_the_task(
     settings: Settings, restricted_url: str, queue: RedisQueue
 ) -> None:
-    async with RedisQueue(as_user(settings, restricted_url)) as restricted:
-        request_id = await restricted.enqueue_task(request())
+    request_id = request().request_id
+    async with store_as(settings, restricted_url) as restricted:
+        await restricted.enqueue([queue.prepare(request(request_id=request_id))])
 
     assert await sets_holding(queue, request_id) == {"pending"}
     assert (await record(queue, request_id))["status"] == "pending"
@@ -84,10 +108,10 @@ async def test_claim_of_a_batch_by_a_user_without_channel_rights_leases_every_ta
 ) -> None:
     ids = [await queue.enqueue_task(request()) for _ in range(3)]
 
-    async with RedisQueue(as_user(settings, restricted_url)) as restricted:
-        claim = await restricted.store.claim("w1", 3)
+    async with store_as(settings, restricted_url) as restricted:
+        claim = await restricted.claim("w1", 3)
         assert sorted(lease.request_id for lease in claim.leases) == sorted(ids)
-        done = await restricted.store.complete(
+        done = await restricted.complete(
             "w1", [Completion(lease.request_id, lease.attempt, "{}", 0.1) for lease in claim.leases]
         )
 
@@ -102,11 +126,9 @@ async def test_a_failure_reported_by_a_user_without_channel_rights_is_retried(
 ) -> None:
     request_id = await queue.enqueue_task(request())
 
-    async with RedisQueue(as_user(settings, restricted_url)) as restricted:
-        lease = (await restricted.store.claim("w1", 1)).leases[0]
-        outcome, _ = await restricted.store.fail(
-            "w1", request_id, lease.attempt, "boom", permanent=False
-        )
+    async with store_as(settings, restricted_url) as restricted:
+        lease = (await restricted.claim("w1", 1)).leases[0]
+        outcome, _ = await restricted.fail("w1", request_id, lease.attempt, "boom", permanent=False)
 
     assert outcome.name == "RETRYING"
     assert await sets_holding(queue, request_id) == {"delayed"}
