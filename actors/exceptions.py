@@ -27,6 +27,20 @@ class InvalidTaskException(QueueError):
         self.field = field
 
 
+class RedisRightsMissing(QueueConnectionException):
+    """Redis answers, but its ACL refuses commands scrapeq needs (``missing``, by name).
+
+    Waiting does not help: an operator must grant them (docs/deploy.md).
+    """
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(
+            f"the Redis user may not run {', '.join(missing)}: "
+            "grant them (docs/deploy.md, 'ACL users')"
+        )
+        self.missing = missing
+
+
 class DuplicateTaskException(InvalidTaskException):
     """A different task with the same request_id already exists."""
 

@@ -21,6 +21,7 @@ from actors.connection import open_calls, translated_errors
 from actors.exceptions import (
     InvalidTaskException,
     QueueConnectionException,
+    RedisRightsMissing,
     TaskTimeoutException,
 )
 from actors.keys import KeySpace
@@ -78,10 +79,7 @@ class RedisQueue:
             # not on some later call (and not half-way through a script).
             missing = await store.missing_rights(PRODUCER_PROBED)
             if missing:
-                raise QueueConnectionException(
-                    f"the Redis user may not run {', '.join(missing)}: "
-                    "grant them (docs/deploy.md, 'ACL users')"
-                )
+                raise RedisRightsMissing(missing)
         except BaseException:
             await connection.close()
             raise

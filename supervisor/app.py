@@ -14,8 +14,9 @@ from pathlib import Path
 
 import uvloop
 
+from actors.backoff import jittered
 from actors.endpoint import redacted
-from actors.exceptions import QueueConnectionException
+from actors.exceptions import QueueConnectionException, RedisRightsMissing
 from actors.exit_codes import CliExit
 from actors.queue import RedisQueue
 from actors.rights import WORKER_HOST_PROBED
@@ -37,6 +38,11 @@ from supervisor.signals import SignalCommands
 from supervisor.tree import ProcessTree
 
 logger = logging.getLogger(__name__)
+
+#: The longest wait between two tries to reach Redis at start-up (seconds).
+START_WAIT_CAP = 10.0
+#: While waiting for Redis at start-up, one log line this often (seconds).
+START_WAIT_LOG_EVERY = 30.0
 
 
 def run_supervisor(settings: Settings, config_path: Path | None) -> int:
@@ -98,26 +104,13 @@ async def _connect_and_supervise(
     url = redacted(settings.redis.url)
     queue = RedisQueue(settings)
     metrics = None
-    try:
-        await queue.connect()
-        missing = await queue.store.missing_rights(WORKER_HOST_PROBED)
-        if missing:
-            logger.error(
-                "Redis 사용자에게 필요한 권한이 없어 시작하지 않습니다: %s (docs/deploy.md 참고)",
-                ", ".join(missing),
-            )
-            return CliExit.USAGE
-        version = await check_server_version(queue.connection)
-        logger.info("Redis %s 연결됨: %s", version, url)
-        await check_eviction_policy(queue.connection)
-        epoch = EpochGuard(queue.connection, queue.keys)
-        await epoch.establish()
-        await queue.store.set_limits(settings)
-        metrics = _start_metrics(settings, queue)
-        if signals.stop_requested:
-            logger.info("시작 중에 종료 신호를 받아 액터를 시작하지 않고 종료합니다")
-            return CliExit.OK
-        with SystemdNotifier() as notifier:
+    with SystemdNotifier() as notifier:
+        try:
+            epoch = await _wait_for_redis(queue, settings, notifier, signals, url)
+            if epoch is None or signals.stop_requested:
+                logger.info("시작 중에 종료 신호를 받아 액터를 시작하지 않고 종료합니다")
+                return CliExit.OK
+            metrics = _start_metrics(settings, queue)
             tree = ProcessTree(
                 settings,
                 queue,
@@ -128,13 +121,78 @@ async def _connect_and_supervise(
             )
             signals.forward_to(tree.command)
             return await tree.run()
-    except QueueConnectionException as exc:
-        logger.error("Redis(%s)에 연결할 수 없어 시작하지 않습니다: %s", url, exc)
-        return CliExit.REDIS_UNREACHABLE
-    except (EvictionPolicyError, ServerVersionError) as exc:
-        logger.error("Redis(%s) 설정 때문에 시작을 거부합니다: %s", url, exc)
-        return CliExit.USAGE
-    finally:
-        if metrics is not None:
-            await asyncio.to_thread(metrics.close)
-        await queue.close()
+        except RedisRightsMissing as exc:
+            logger.error(
+                "Redis 사용자에게 필요한 권한이 없어 시작하지 않습니다: %s (docs/deploy.md 참고)",
+                ", ".join(exc.missing),
+            )
+            return CliExit.USAGE
+        except (EvictionPolicyError, ServerVersionError) as exc:
+            logger.error("Redis(%s) 설정 때문에 시작을 거부합니다: %s", url, exc)
+            return CliExit.USAGE
+        finally:
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)
+            await queue.close()
+
+
+async def _wait_for_redis(
+    queue: RedisQueue,
+    settings: Settings,
+    notifier: SystemdNotifier,
+    signals: SignalCommands,
+    url: str,
+) -> EpochGuard | None:
+    """Connect to Redis and check it, however long it takes to answer.
+
+    A Redis that cannot be reached is retried with capped, jittered backoff
+    (a restart of the service would only meet the same outage, and systemd's
+    start limit would leave it failed); a Korean log line every 30 s and the
+    systemd STATUS= say so, and the start-up timeout is extended while
+    waiting. Returns None when a stop signal ends the wait. A Redis that
+    answers but is unusable (an evicting policy, too old, an ACL without a
+    needed right) raises: waiting would not fix it.
+    """
+    loop = asyncio.get_running_loop()
+    started = last_log = loop.time()
+    failures = 0
+    while True:
+        try:
+            return await _connect_and_check(queue, settings, url)
+        except RedisRightsMissing:
+            raise
+        except QueueConnectionException as exc:
+            await queue.close()
+            failures += 1
+            waited = loop.time() - started
+            if failures == 1 or loop.time() - last_log >= START_WAIT_LOG_EVERY:
+                last_log = loop.time()
+                logger.warning(
+                    "Redis(%s)에 연결할 수 없어 기다리는 중 (%.0f초째, 계속 재시도): %s",
+                    url,
+                    waited,
+                    exc,
+                )
+            notifier.status(f"Redis 연결 대기 중 ({waited:.0f}초째): {url}")
+            notifier.extend_start(START_WAIT_CAP * 3)
+            notifier.watchdog()  # our own loop is alive; only Redis is away
+            resume_at = loop.time() + jittered(failures, 0.5, START_WAIT_CAP)
+            while loop.time() < resume_at:
+                if signals.stop_requested:
+                    return None
+                await asyncio.sleep(min(0.2, resume_at - loop.time()))
+
+
+async def _connect_and_check(queue: RedisQueue, settings: Settings, url: str) -> EpochGuard:
+    """Connect, check the server and the user's rights, publish the limits; the epoch guard."""
+    await queue.connect()
+    missing = await queue.store.missing_rights(WORKER_HOST_PROBED)
+    if missing:
+        raise RedisRightsMissing(missing)
+    version = await check_server_version(queue.connection)
+    logger.info("Redis %s 연결됨: %s", version, url)
+    await check_eviction_policy(queue.connection)
+    epoch = EpochGuard(queue.connection, queue.keys)
+    await epoch.establish()
+    await queue.store.set_limits(settings)
+    return epoch

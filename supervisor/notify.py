@@ -55,6 +55,10 @@ class SystemdNotifier:
     def stopping(self) -> None:
         self._send("STOPPING=1")
 
+    def extend_start(self, seconds: float) -> None:
+        """Ask for ``seconds`` more of start-up time (TimeoutStartSec) from now."""
+        self._send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
     def watchdog_interval(self) -> float | None:
         """The recommended ping period in seconds: half of WatchdogSec, as sd_watchdog_enabled(3).
 

@@ -246,14 +246,41 @@ async def test_refuses_to_start_on_a_redis_that_may_evict_keys(
     assert "allkeys-lru" in supervisor.output()
 
 
-async def test_unreachable_redis_without_embedded_exits_5(
+async def test_a_redis_unreachable_at_start_is_waited_for_and_work_begins_when_it_answers(
+    settings: Settings, launch: Launcher, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "late", appendonly=False)
+    late = configured(settings, redis={"url": server.url})
+    supervisor = launch(config_file(tmp_path, late, processes=1))
+    await wait_for(
+        lambda: "기다리는 중" in supervisor.output(), timeout=10, message=supervisor.output()
+    )
+    await asyncio.sleep(3)  # several tries, none fatal
+    assert supervisor.process.poll() is None, supervisor.output()
+
+    server.start()
+    try:
+        async with RedisQueue(late) as queue:
+            await wait_for_workers(queue, supervisor, 1)
+            request_id = await queue.enqueue_task(ScrapingRequest(script_name="echo"))
+            response = await queue.wait_for_response(request_id, 20)
+        assert response.status is TaskStatus.COMPLETED
+        supervisor.send(signal.SIGTERM)
+        assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0, supervisor.output()
+    finally:
+        server.stop()
+
+
+async def test_sigterm_while_waiting_for_redis_at_start_exits_0(
     settings: Settings, launch: Launcher, tmp_path: Path
 ) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     supervisor = launch(config_file(tmp_path, settings, processes=1, redis={"url": url}))
+    await wait_for(lambda: "기다리는 중" in supervisor.output(), timeout=10)
 
-    assert await supervisor.exit_code(START_TIMEOUT) == 5
-    assert "Redis" in supervisor.output()
+    supervisor.send(signal.SIGTERM)
+
+    assert await supervisor.exit_code(5) == 0, supervisor.output()
 
 
 async def test_eviction_check_is_skipped_when_the_user_may_not_read_the_config(
