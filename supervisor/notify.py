@@ -141,6 +141,20 @@ class ProgressWatchdog:
         self._pinged_at = now
         return True
 
+    def should_ping_in_outage(self, now: float) -> bool:
+        """True once per `period` while Redis is unreachable.
+
+        No heartbeat can advance while Redis is away, and restarting the
+        supervisor would not bring Redis back: the supervisor's own loop
+        running is then the proof of health, so an outage of any length does
+        not get the service killed. Progress gates the pings again once
+        Redis answers.
+        """
+        if self._pinged_at is not None and now - self._pinged_at < self._period:
+            return False
+        self._pinged_at = now
+        return True
+
     def stalled_for(self, now: float) -> float:
         """Seconds since progress last changed (0 before the first observation)."""
         return 0.0 if self._changed_at is None else now - self._changed_at

@@ -5,8 +5,9 @@ handlers, `signals.py`) and child exits (from the process backend); timers
 come from the restart policy (backoff, promotion) and from stop deadlines.
 A separate health loop reads Redis each tick: it kills workers whose
 heartbeat went stale while their process lives on, feeds the systemd
-watchdog only while heartbeats advance, sends READY=1 once the pool is up,
-keeps STATUS= current and checks that Redis still holds our data.
+watchdog while heartbeats advance (and through a Redis outage, however
+long), sends READY=1 once the pool is up, keeps STATUS= current and checks
+that Redis still holds our data.
 
 Children are named for the restart policy: ``worker-<slot>`` and one name
 per singleton kind. Each start of a child (an incarnation) gets a fresh actor
@@ -63,6 +64,8 @@ READY_TIMEOUT = 30.0
 """READY=1 is sent after this long even if some worker has not registered yet."""
 STARTUP_TICK = 0.1
 """Health tick period until READY=1, so readiness is reported promptly."""
+OUTAGE_LOG_EVERY = 30.0
+"""During a Redis outage, one log line this often (seconds)."""
 BACKGROUND_TIMEOUT = 5.0
 """How long the tree waits for outstanding requeues and events when it exits."""
 
@@ -142,6 +145,8 @@ class ProcessTree:
         self._watchdog = ProgressWatchdog(watchdog_period) if watchdog_period else None
         self._health_ticks = 0
         self._reachability = RedisReachability()
+        self._outage_since = self._outage_logged = 0.0  # loop time
+        self._tick_started: float | None = None  # loop time the running health check began
         self._finished = asyncio.Event()
 
     # -- public ---------------------------------------------------------------
@@ -164,6 +169,8 @@ class ProcessTree:
         try:
             async with asyncio.TaskGroup() as group:
                 health = group.create_task(self._health_loop(), name="supervisor-health")
+                if self._watchdog is not None:
+                    group.create_task(self._outage_watchdog(), name="supervisor-watchdog")
                 self._start(loop.time())
                 code = await self._supervise()
                 # Both: on Python 3.11 a cancellation that lands while redis-py's
@@ -461,8 +468,7 @@ class ProcessTree:
             try:
                 await self._health_tick()
             except QueueError as exc:
-                if self._reachability.failed():
-                    logger.warning("Redis 상태 확인 실패 (워치독 신호 보류): %s", exc)
+                self._in_outage(exc)
             except Exception:
                 # The tree must outlive any fault of a health check.
                 logger.exception("상태 확인 중 예기치 않은 오류 (워치독 신호 보류)")
@@ -474,9 +480,56 @@ class ProcessTree:
                 async with asyncio.timeout(period if self._ready else min(period, STARTUP_TICK)):
                     await self._finished.wait()
 
+    def _in_outage(self, error: QueueError) -> None:
+        """A health check could not reach Redis: keep the workers, keep systemd informed.
+
+        The workers ride the outage out by themselves (their loops back off
+        and reconnect), so nothing is restarted; ``_outage_watchdog`` keeps
+        pinging systemd meanwhile.
+        """
+        now = asyncio.get_running_loop().time()
+        if self._reachability.failed():
+            self._outage_since = self._outage_logged = now
+            logger.warning("Redis에 연결할 수 없음: 워커를 유지하고 복구를 기다립니다 (%s)", error)
+        elif now - self._outage_logged >= OUTAGE_LOG_EVERY:
+            self._outage_logged = now
+            logger.warning(
+                "Redis 연결 끊김 %.0f초째: 워커를 유지하고 복구를 기다립니다 (%s)",
+                now - self._outage_since,
+                error,
+            )
+        self._set_status(f"Redis 연결 끊김 {now - self._outage_since:.0f}초째, 워커 유지 중")
+
+    async def _outage_watchdog(self) -> None:
+        """Ping the watchdog through a Redis outage, however the health check is held.
+
+        A check against a blackholed Redis waits for its timeouts (tens of
+        seconds); a failed one or one held longer than ``heartbeat.interval``
+        both mean Redis is away, not that this loop is stuck.
+        """
+        assert self._watchdog is not None
+        period = self._notifier.watchdog_interval() or 1.0
+        loop = asyncio.get_running_loop()
+        while not self._finished.is_set():
+            now = loop.time()
+            held = self._tick_started is not None and (
+                now - self._tick_started > self._settings.heartbeat.interval
+            )
+            if (self._reachability.failing or held) and self._watchdog.should_ping_in_outage(now):
+                self._notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period / 2):
+                    await self._finished.wait()
+
     async def _health_tick(self) -> None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self._tick_started = loop.time()
+        try:
+            await self._health_check(loop, started)
+        finally:
+            self._tick_started = None
+
+    async def _health_check(self, loop: asyncio.AbstractEventLoop, started: float) -> None:
         records = {r["worker_id"]: r for r in await self._monitor.get_active_workers()}
         with translated_errors():
             redis_now = time_ms(await self._queue.connection.execute("TIME")) / 1000

@@ -491,6 +491,37 @@ async def test_notify_ready_after_workers_register_watchdog_only_while_they_beat
         assert "STOPPING=1" in received(manager)
 
 
+async def test_watchdog_keeps_pinging_through_a_redis_outage_and_status_says_so(
+    fast: Settings,
+    supervise: Supervise,
+    manager: socket.socket,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    environ = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    with SystemdNotifier(environ) as notifier:
+        tree, task = await supervise(fast, notifier=notifier)
+        messages: list[str] = []
+
+        async def seen(message: str) -> bool:
+            messages.extend(received(manager))
+            return any(m.startswith(message) for m in messages)
+
+        await wait_for(lambda: seen("READY=1"), timeout=3)
+        redis_server.stop()
+        try:
+            await asyncio.sleep(0.5)
+            received(manager)
+            await asyncio.sleep(1.2)  # six ping periods without a heartbeat able to advance
+            during = received(manager)
+            assert during.count("WATCHDOG=1") >= 3, during
+            assert any(m.startswith("STATUS=Redis 연결 끊김") for m in during), during
+            assert task.done() is False
+        finally:
+            redis_server.start()
+        assert await drained(tree, task) == 0
+
+
 async def test_missing_epoch_key_is_reported_loudly_and_recreated(
     fast: Settings,
     supervise: Supervise,
