@@ -21,7 +21,7 @@ from actors.exit_codes import CliExit
 from actors.queue import RedisQueue
 from actors.rights import WORKER_HOST_PROBED
 from config.settings import Settings
-from supervisor.embedded import should_start_embedded, start_embedded
+from supervisor.embedded import remember_external, should_start_embedded, start_embedded
 from supervisor.logs import configure_logging
 from supervisor.metrics import MetricsServer, start_metrics_server
 from supervisor.notify import SystemdNotifier
@@ -62,7 +62,7 @@ def run_supervisor(settings: Settings, config_path: Path | None) -> int:
         logger.error("내장 Redis를 시작할 수 없습니다: %s", exc)
         return CliExit.REDIS_UNREACHABLE
     try:
-        return uvloop.run(_serve(settings, config_path))
+        return uvloop.run(_serve(settings, config_path, own_redis=embedded is not None))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -71,7 +71,8 @@ def run_supervisor(settings: Settings, config_path: Path | None) -> int:
 def _start_embedded(settings: Settings) -> RedisServer | None:
     if settings.redis.sentinel:  # the Sentinels say where Redis is: never one of ours
         return None
-    if not should_start_embedded(settings.redis.embedded, settings.redis.url):
+    state_dir = settings.supervisor.state_dir
+    if not should_start_embedded(settings.redis.embedded, settings.redis.url, state_dir):
         return None
     return start_embedded(settings.redis.url, settings.supervisor.state_dir)
 
@@ -93,13 +94,13 @@ def _loader(config_path: Path | None) -> Settings:
     return Settings.from_file(config_path) if config_path is not None else Settings()
 
 
-async def _serve(settings: Settings, config_path: Path | None) -> int:
+async def _serve(settings: Settings, config_path: Path | None, *, own_redis: bool) -> int:
     with SignalCommands() as signals:
-        return await _connect_and_supervise(settings, config_path, signals)
+        return await _connect_and_supervise(settings, config_path, signals, own_redis)
 
 
 async def _connect_and_supervise(
-    settings: Settings, config_path: Path | None, signals: SignalCommands
+    settings: Settings, config_path: Path | None, signals: SignalCommands, own_redis: bool
 ) -> int:
     url = redacted(settings.redis.url)
     queue = RedisQueue(settings)
@@ -110,6 +111,9 @@ async def _connect_and_supervise(
             if epoch is None or signals.stop_requested:
                 logger.info("시작 중에 종료 신호를 받아 액터를 시작하지 않고 종료합니다")
                 return CliExit.OK
+            if settings.redis.embedded == "auto" and not own_redis and not settings.redis.sentinel:
+                # Someone else's Redis serves this address: never replace it with ours.
+                remember_external(settings.redis.url, settings.supervisor.state_dir)
             metrics = _start_metrics(settings, queue)
             tree = ProcessTree(
                 settings,

@@ -5,30 +5,23 @@ from __future__ import annotations
 import ipaddress
 import logging
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
+from actors.endpoint import EndpointError, RedisEndpoint
 from supervisor.redis_server import Address, RedisServer, open_connection
 
 logger = logging.getLogger(__name__)
 
 _PROBE_TIMEOUT = 0.5
-_DEFAULT_PORT = 6379
 
 
 def parse_address(url: str) -> Address:
-    """The ``(host, port)`` or unix socket path a Redis URL points at."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ValueError("redis.url: a unix:// URL needs an absolute socket path")
-        return Path(parts.path)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"redis.url: unsupported scheme {parts.scheme!r}")
+    """The ``(host, port)`` or unix socket path a Redis URL points at (actors/endpoint.py)."""
     try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("redis.url: the port is not a number in 0-65535") from None
-    return (parts.hostname or "127.0.0.1", port or _DEFAULT_PORT)
+        endpoint = RedisEndpoint.parse(url)
+    except EndpointError as exc:
+        raise ValueError(f"redis.url: {exc}") from None
+    return Path(endpoint.path) if endpoint.path is not None else (endpoint.host, endpoint.port)
 
 
 def is_loopback(host: str) -> bool:
@@ -53,8 +46,14 @@ def something_listens(address: Address, timeout: float = _PROBE_TIMEOUT) -> bool
         return False
 
 
-def should_start_embedded(mode: str, url: str) -> bool:
-    """Apply ``[redis] embedded``: never, always, or auto (loopback URL with nothing there)."""
+def should_start_embedded(mode: str, url: str, state_dir: Path) -> bool:
+    """Apply ``[redis] embedded``: never, always, or auto (loopback URL with nothing there).
+
+    ``auto`` never starts a server on an address where another Redis has
+    served this state directory before (see :func:`remember_external`): that
+    Redis is merely down, and an empty one of ours in its place would hide
+    its data; the supervisor waits for it instead.
+    """
     if mode == "never":
         return False
     if mode == "always":
@@ -70,8 +69,34 @@ def should_start_embedded(mode: str, url: str) -> bool:
     if something_listens(address):
         logger.info("이미 Redis가 응답하고 있어 내장 Redis를 시작하지 않습니다")
         return False
+    if _external_marker(state_dir).is_file() and (
+        _external_marker(state_dir).read_text().strip() == _address_text(address)
+    ):
+        logger.warning(
+            "설정된 Redis(%s)가 응답하지 않지만 전에 이 주소에서 동작했으므로 "
+            "내장 Redis를 시작하지 않고 복구를 기다립니다",
+            _address_text(address),
+        )
+        return False
     logger.info("로컬 Redis가 없어 내장 Redis를 시작합니다")
     return True
+
+
+def remember_external(url: str, state_dir: Path) -> None:
+    """Record that a Redis not started by us serves ``url`` (``auto`` then never replaces it)."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        _external_marker(state_dir).write_text(_address_text(parse_address(url)) + "\n")
+    except OSError as exc:
+        logger.warning("외부 Redis 주소를 상태 디렉터리에 기록하지 못했습니다: %s", exc)
+
+
+def _external_marker(state_dir: Path) -> Path:
+    return state_dir / "external-redis"
+
+
+def _address_text(address: Address) -> str:
+    return str(address) if isinstance(address, Path) else f"{address[0]}:{address[1]}"
 
 
 def start_embedded(url: str, state_dir: Path) -> RedisServer:
@@ -80,13 +105,12 @@ def start_embedded(url: str, state_dir: Path) -> RedisServer:
     A password in the URL becomes ``requirepass``, so clients built from the same URL
     authenticate; only the default user exists.
     """
-    parts = urlsplit(url)
-    if parts.scheme == "rediss":
+    if urlsplit(url).scheme == "rediss":
         raise ValueError("redis.url: the embedded Redis cannot serve TLS (rediss://)")
-    if parts.username not in (None, "", "default"):
+    endpoint = RedisEndpoint.parse(url)
+    if endpoint.username not in (None, "", "default"):
         raise ValueError("redis.url: the embedded Redis has only the default user")
-    query_password = parse_qs(parts.query).get("password", [None])[0]
-    password = unquote(parts.password) if parts.password else query_password
+    password = endpoint.password
     address = parse_address(url)
     directory = state_dir / "redis"
     if isinstance(address, Path):

@@ -15,7 +15,7 @@ import pytest
 import redis
 from helpers import wait_for
 
-from supervisor.embedded import should_start_embedded, start_embedded
+from supervisor.embedded import remember_external, should_start_embedded, start_embedded
 from supervisor.redis_server import (
     RedisServer,
     RedisServerError,
@@ -184,37 +184,52 @@ async def test_server_dies_with_its_parent(tmp_path: Path) -> None:
             psutil.Process(redis_pid).kill()
 
 
-def test_auto_starts_when_nothing_listens_on_loopback() -> None:
-    assert should_start_embedded("auto", f"redis://127.0.0.1:{free_port()}/0")
-    assert should_start_embedded("auto", f"redis://localhost:{free_port()}/0")
+def test_auto_starts_when_nothing_listens_on_loopback(tmp_path: Path) -> None:
+    assert should_start_embedded("auto", f"redis://127.0.0.1:{free_port()}/0", tmp_path)
+    assert should_start_embedded("auto", f"redis://localhost:{free_port()}/0", tmp_path)
 
 
-def test_auto_does_not_start_when_a_server_listens(server: RedisServer) -> None:
-    assert not should_start_embedded("auto", server.url)
+def test_auto_does_not_start_when_a_server_listens(server: RedisServer, tmp_path: Path) -> None:
+    assert not should_start_embedded("auto", server.url, tmp_path)
 
 
-def test_auto_does_not_start_when_the_listening_server_is_paused(server: RedisServer) -> None:
+def test_auto_does_not_start_when_the_listening_server_is_paused(
+    server: RedisServer, tmp_path: Path
+) -> None:
     server.pause()
-    assert not should_start_embedded("auto", server.url)
+    assert not should_start_embedded("auto", server.url, tmp_path)
 
 
-def test_auto_does_not_start_for_a_remote_or_tls_url() -> None:
-    assert not should_start_embedded("auto", "redis://redis.example.com:6379/0")
-    assert not should_start_embedded("auto", f"rediss://127.0.0.1:{free_port()}/0")
+def test_auto_does_not_start_for_a_remote_or_tls_url(tmp_path: Path) -> None:
+    assert not should_start_embedded("auto", "redis://redis.example.com:6379/0", tmp_path)
+    assert not should_start_embedded("auto", f"rediss://127.0.0.1:{free_port()}/0", tmp_path)
+
+
+def test_auto_never_replaces_a_redis_that_served_this_state_dir_while_it_is_down(
+    tmp_path: Path,
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    other = f"redis://127.0.0.1:{free_port()}/0"
+    state_dir = tmp_path / "state"
+
+    remember_external(url, state_dir)
+
+    assert not should_start_embedded("auto", url, state_dir)
+    assert should_start_embedded("auto", other, state_dir)  # another address is not its
 
 
 def test_auto_starts_on_a_unix_socket_nobody_serves(tmp_path: Path) -> None:
-    assert should_start_embedded("auto", f"unix://{tmp_path / 'redis.sock'}")
+    assert should_start_embedded("auto", f"unix://{tmp_path / 'redis.sock'}", tmp_path)
 
 
-def test_never_and_always_ignore_what_listens(server: RedisServer) -> None:
-    assert not should_start_embedded("never", f"redis://127.0.0.1:{free_port()}/0")
-    assert should_start_embedded("always", server.url)
+def test_never_and_always_ignore_what_listens(server: RedisServer, tmp_path: Path) -> None:
+    assert not should_start_embedded("never", f"redis://127.0.0.1:{free_port()}/0", tmp_path)
+    assert should_start_embedded("always", server.url, tmp_path)
 
 
-def test_unknown_embedded_mode_is_rejected_by_name() -> None:
+def test_unknown_embedded_mode_is_rejected_by_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"redis\.embedded"):
-        should_start_embedded("sometimes", "redis://127.0.0.1:6390/0")
+        should_start_embedded("sometimes", "redis://127.0.0.1:6390/0", tmp_path)
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "unix"])

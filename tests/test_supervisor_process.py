@@ -345,3 +345,37 @@ async def test_supervisor_starts_and_works_when_an_acl_refuses_info_config_and_h
     output = supervisor.output()
     assert "Traceback" not in output
     assert "run_id" in output  # the warning that restarts go unnoticed by run_id
+
+
+async def test_auto_waits_for_a_configured_redis_that_is_down_and_never_replaces_it(
+    settings: Settings, launch: Launcher, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "configured", appendonly=True)
+    server.start()
+    auto = configured(settings, redis={"url": server.url, "embedded": "auto"})
+    config = config_file(tmp_path, auto, processes=1)
+    try:
+        first = launch(config)
+        async with RedisQueue(auto) as queue:
+            await wait_for_workers(queue, first, 1)
+        first.send(signal.SIGTERM)
+        assert await first.exit_code(DRAIN_TIMEOUT + 5) == 0, first.output()
+        async with RedisQueue(auto) as queue:
+            kept = await queue.enqueue_task(ScrapingRequest(script_name="echo"))
+        server.stop()
+
+        second = launch(config)
+        await wait_for(
+            lambda: "기다리는 중" in second.output(), timeout=10, message=second.output()
+        )
+        assert not is_ready(server.address), "auto started a Redis of its own in its place"
+        assert "내장 Redis를 시작합니다" not in second.output()
+
+        server.start()  # the configured Redis comes back, with its data
+        async with RedisQueue(auto) as queue:
+            response = await queue.wait_for_response(kept, 30)
+        assert response.status is TaskStatus.COMPLETED
+        second.send(signal.SIGTERM)
+        assert await second.exit_code(DRAIN_TIMEOUT + 5) == 0, second.output()
+    finally:
+        server.stop()
