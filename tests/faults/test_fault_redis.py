@@ -30,6 +30,7 @@ from actors.queue import RedisQueue, WorkerMonitor
 from config.settings import Settings
 from faults.cluster import SUPERVISOR_START, Cluster
 from faults.workload import (
+    OUTCOME_TIMEOUT,
     RECLAIM_WITHIN,
     FaultRun,
     fault_settings,
@@ -128,6 +129,65 @@ async def test_redis_killed_and_restarted_from_aof_keeps_every_acknowledged_task
 @pytest.mark.parametrize("repeat", repeats())
 async def test_redis_killed_and_restarted_repeated(env: Env, repeat: int) -> None:
     await redis_crash(env, repeat)
+
+
+# -- R12: a long outage (Redis stopped for minutes, under load) ---------------------------
+
+
+async def long_outage(redis_server: RedisServer, workdir: Path, seconds: float) -> None:
+    """Redis stopped for ``seconds`` while tasks run and more arrive, then started again.
+
+    Longer than any client retry, the supervisor's health checks and a
+    systemd WatchdogSec: the service (a real ``supervisor start``) rides it
+    out without an operator: the supervisor and every worker process still
+    there, nothing restarted, and every acknowledged task completes once.
+    """
+    fault = f"R12 Redis stopped {seconds:g} s under load"
+    settings = fault_settings(redis_server.url, f"t{uuid.uuid4().hex[:12]}", workdir / "state")
+    with Cluster(settings, workdir, workers=2, concurrency=8, mode="supervisor") as cluster:
+        supervisors = cluster.supervisor_pids()
+        before = cluster.worker_pids()
+        async with FaultRun(fault, settings, workdir) as run:
+            healed = 0.0
+
+            async def outage() -> None:
+                nonlocal healed
+                await asyncio.sleep(1.0)  # tasks in flight when it stops
+                redis_server.stop()
+                await asyncio.sleep(seconds)
+                healed = time.time()
+                redis_server.start()
+
+            load = run.tasks(60, seconds=0.5)  # ~0.5 s each: some always running
+            try:
+                await asyncio.gather(run.submit(load[:30], pace=0.05), outage())
+                await run.submit(load[30:], pace=0.02)
+            finally:
+                if not redis_server.is_running():
+                    redis_server.start()
+            outcomes = await run.outcomes(timeout=OUTCOME_TIMEOUT + seconds)
+            assert cluster.supervisor_pids() == supervisors, "the supervisor did not ride it out"
+            await still_consuming(run, cluster, before)
+            await run.judge(
+                worker_pids=before,
+                recovery=run.recovery_since(healed),
+                restarts=0,
+                outage_s=seconds,
+            )
+    assert set(outcomes.values()) == {TaskStatus.COMPLETED}
+
+
+async def test_redis_stopped_90_s_under_load_loses_nothing_and_needs_no_operator(
+    redis_server: RedisServer, redis_url: str, tmp_path: Path
+) -> None:
+    await long_outage(redis_server, tmp_path, 90.0)
+
+
+@pytest.mark.slow
+async def test_redis_stopped_5_minutes_under_load_loses_nothing_and_needs_no_operator(
+    redis_server: RedisServer, redis_url: str, tmp_path: Path
+) -> None:
+    await long_outage(redis_server, tmp_path, 300.0)
 
 
 # -- R5/R6: Redis frozen (SIGSTOP) or paused (CLIENT PAUSE) ---------------------------
