@@ -225,3 +225,46 @@ async def test_sigterm_during_an_enqueue_burst_repeated(
     settings: Settings, tmp_path: Path, repeat: int
 ) -> None:
     await sigterm_mid_burst(settings, tmp_path, repeat)
+
+
+# -- G7: a rolling replacement (two supervisors on one Redis, one drained and replaced) --
+
+
+async def workers_of(run: FaultRun, supervisor: subprocess.Popen[bytes], count: int) -> bool:
+    """Whether ``count`` worker processes of ``supervisor`` have registered."""
+    assert supervisor.poll() is None, "a supervisor exited"
+    children = {c.pid for c in psutil.Process(supervisor.pid).children()}
+    workers = await WorkerMonitor(run.queue).get_active_workers()
+    return sum(1 for w in workers if w.get("pid") in children) == count
+
+
+async def test_rolling_replacement_of_one_of_two_supervisors_loses_and_refuses_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    fault = "G7 rolling replacement of one of two supervisors"
+    drain_limit = settings.supervisor.drain_timeout + 10
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    async with FaultRun(fault, settings, tmp_path) as run:
+        with contextlib.ExitStack() as stack:
+            old = stack.enter_context(supervisor_process(settings, tmp_path / "a"))
+            other = stack.enter_context(supervisor_process(settings, tmp_path / "b"))
+            for supervisor in (old, other):
+                await wait_for(lambda s=supervisor: workers_of(run, s, 2), 30, interval=0.1)
+            load = asyncio.create_task(
+                run.submit(run.tasks(240, seconds=0.05), pace=0.02)  # ~5 s of arrivals
+            )
+            await asyncio.sleep(1.0)
+            old.send_signal(signal.SIGTERM)  # the rolling step: drain the old one ...
+            code = await asyncio.to_thread(old.wait, drain_limit)
+            new = stack.enter_context(supervisor_process(settings, tmp_path / "c"))
+            await wait_for(lambda: workers_of(run, new, 2), 30, interval=0.1)  # ... start the new
+            await load
+            outcomes = await run.outcomes()
+            await run.judge(restarts=0)
+            assert other.poll() is None, "the supervisor left running stopped"
+    refused = [r for r in run.ledger.read() if r["kind"] == "refused"]
+    assert code == 0, (tmp_path / "a" / "supervisor.log").read_text()
+    assert not refused, f"enqueues refused during the rolling replacement: {refused}"
+    assert len(outcomes) == 240
+    assert set(outcomes.values()) == {TaskStatus.COMPLETED}
