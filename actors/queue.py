@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from actors.connection import open_calls, translated_errors
 from actors.exceptions import (
+    BackpressureException,
     InvalidTaskException,
     QueueConnectionException,
     RedisRightsMissing,
@@ -360,11 +361,32 @@ class TaskManager:
         ]
 
     async def requeue_dead_letter(self, request_id: str) -> bool:
-        """Give a dead letter a fresh set of attempts; False if it is not one."""
-        return await self.queue.store.dlq_requeue([request_id]) == 1
+        """Give a dead letter a fresh set of attempts; False if it is not one.
+
+        Raises ``BackpressureException`` when the queue is at its high watermark.
+        """
+        requeued, full, _ = await self.queue.store.dlq_requeue([request_id])
+        if full:
+            raise BackpressureException(1.0, "the queue is at its high watermark")
+        return requeued == 1
 
     async def requeue_all_dead_letters(self) -> int:
-        return await self.queue.store.dlq_requeue(None)
+        """Requeue every dead letter, a batch per script call; returns how many.
+
+        Like enqueues, requeues stop at the high watermark: then
+        ``BackpressureException`` says how many were requeued, and the rest
+        stay dead letters for a later retry.
+        """
+        total = 0
+        while True:
+            requeued, full, taken = await self.queue.store.dlq_requeue(None)
+            total += requeued
+            if full:
+                raise BackpressureException(
+                    1.0, f"the queue is at its high watermark after {total} dead letters requeued"
+                )
+            if taken == 0:
+                return total
 
     async def purge_dead_letters(self) -> int:
         return await self.queue.store.dlq_purge()

@@ -46,6 +46,9 @@ SCRIPT_NAMES = (
     "set_limits",
 )
 
+#: Dead letters one dlq_requeue call takes at most (a call never blocks Redis long).
+DLQ_BATCH = 1000
+
 #: A worker silent this long is forgotten by the cleanup.
 WORKER_FORGET_MS = 5 * 60 * 1000
 
@@ -106,7 +109,7 @@ SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
     "cleanup": ("dead", "workers"),
     "complete": ("running", "stats", "breaker", "paused", "breaker_settings", "gates"),
     "dlq_purge": ("dead",),
-    "dlq_requeue": ("dead", "pending"),
+    "dlq_requeue": ("dead", "pending", "stats"),
     "enqueue": ("pending", "seq", "stats", "backpressure", "limits", "paused", "gates"),
     "fail": ("running", "delayed", "dead", "stats", "breaker", "paused", "breaker_settings"),
     "heartbeat": ("workers", "<worker>"),
@@ -367,10 +370,19 @@ class TaskStore:
         repaired = await self._call("repair", [self.keys.gate_prefix, self._ttl_ms, *request_ids])
         return [item.decode() for item in repaired]
 
-    async def dlq_requeue(self, request_ids: Sequence[str] | None) -> int:
-        """Requeue the given dead letters, or all of them when ``request_ids`` is None."""
-        args = ["all"] if request_ids is None else ["ids", *request_ids]
-        return int(await self._call("dlq_requeue", args))
+    async def dlq_requeue(
+        self, request_ids: Sequence[str] | None, limit: int = DLQ_BATCH
+    ) -> tuple[int, bool, int]:
+        """Requeue the given dead letters, or up to ``limit`` of the oldest when None.
+
+        Returns how many were requeued, whether the high watermark stopped the
+        call, and how many ids it took off the dead-letter set (0: none left).
+        """
+        selection = ["all", limit] if request_ids is None else ["ids", *request_ids]
+        requeued, full, taken = await self._call(
+            "dlq_requeue", [self._high_watermark, *selection]
+        )
+        return int(requeued), bool(full), int(taken)
 
     async def missing_rights(self, commands: Sequence[str]) -> list[str]:
         """Which of ``commands`` (names as in actors/rights.py) this Redis user may not run.

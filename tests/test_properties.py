@@ -231,7 +231,9 @@ class QueueMachine(RuleBasedStateMachine):
         dead = self.snapshot["dead"]
         chosen = data.draw(st.none() | st.lists(st.sampled_from(dead), min_size=1, unique=True))
 
-        requeued = self.run(self.store.dlq_requeue(chosen))
+        requeued, full, _ = self.run(self.store.dlq_requeue(chosen))
+
+        assert not full
 
         assert requeued == len(dead if chosen is None else chosen)
         for request_id in dead if chosen is None else chosen:

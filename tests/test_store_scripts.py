@@ -720,7 +720,7 @@ async def test_dead_letter_requeue_restarts_attempts_and_keeps_history(
 ) -> None:
     request_id = await dead_letter(queue)
 
-    assert await store.dlq_requeue([request_id]) == 1
+    assert await store.dlq_requeue([request_id]) == (1, False, 1)
 
     stored = await record(queue, request_id)
     assert (stored["status"], stored["attempt"]) == ("pending", "0")
@@ -737,10 +737,39 @@ async def test_dead_letter_requeue_all_and_of_non_dead_ids(
     dead = [await dead_letter(queue) for _ in range(3)]
     pending = await add(queue)
 
-    assert await store.dlq_requeue([pending, "unknown"]) == 0
-    assert await store.dlq_requeue(None) == 3
+    assert await store.dlq_requeue([pending, "unknown"]) == (0, False, 0)
+    assert await store.dlq_requeue(None) == (3, False, 3)
     assert await admin(queue).zcard(queue.keys.dead) == 0
     assert all([await sets_holding(queue, i) == {"pending"} for i in dead])
+
+
+async def test_dead_letter_requeue_all_takes_a_bounded_batch_oldest_first(
+    queue: RedisQueue, store: TaskStore
+) -> None:
+    dead = [await dead_letter(queue) for _ in range(5)]
+
+    assert await store.dlq_requeue(None, limit=2) == (2, False, 2)
+
+    assert all([await sets_holding(queue, i) == {"pending"} for i in dead[:2]])
+    assert all([await sets_holding(queue, i) == {"dead"} for i in dead[2:]])
+
+
+async def test_dead_letter_requeue_stops_at_the_high_watermark(
+    settings: Settings,
+) -> None:
+    async with RedisQueue(
+        derive(settings, backpressure={"high_watermark": 3, "low_watermark": 1, "throttle_at": 2})
+    ) as queue:
+        dead = [await dead_letter(queue) for _ in range(3)]
+        await add(queue)  # depth 1 of 3
+
+        requeued, full, _ = await queue.store.dlq_requeue(None)
+
+        assert (requeued, full) == (2, True)
+        assert await admin(queue).zcard(queue.keys.pending) == 3
+        assert sum([await sets_holding(queue, i) == {"dead"} for i in dead]) == 1
+        with pytest.raises(BackpressureException, match="high watermark after 0"):
+            await TaskManager(queue).requeue_all_dead_letters()
 
 
 async def test_purge_deletes_every_dead_letter_and_its_record(
