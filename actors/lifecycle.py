@@ -17,6 +17,7 @@ from collections.abc import Callable
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PR_SET_CHILD_SUBREAPER = 36
 
 #: After the parent dies, a child that has not stopped by itself is ended this fast.
 ORPHAN_GRACE = 1.5
@@ -64,6 +65,15 @@ def die_with_parent(
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), signum)
         os._exit(1)
+
+
+def adopt_orphans() -> None:
+    """Make this process a child subreaper (Linux): a process that a script started
+    and that outlived its own parent (a daemon, a browser's helpers) is reparented
+    to this process instead of to init, so it can be found and ended at exit."""
+    prctl = libc_prctl()
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def exit_soon(code: int, delay: float = ORPHAN_GRACE) -> None:

@@ -379,9 +379,7 @@ class TaskStore:
         call, and how many ids it took off the dead-letter set (0: none left).
         """
         selection = ["all", limit] if request_ids is None else ["ids", *request_ids]
-        requeued, full, taken = await self._call(
-            "dlq_requeue", [self._high_watermark, *selection]
-        )
+        requeued, full, taken = await self._call("dlq_requeue", [self._high_watermark, *selection])
         return int(requeued), bool(full), int(taken)
 
     async def missing_rights(self, commands: Sequence[str]) -> list[str]:

@@ -29,6 +29,7 @@ from actors.exceptions import (
     RateLimited,
 )
 from actors.exit_codes import ChildExit
+from actors.lifecycle import adopt_orphans
 from actors.models import ResultTooLarge, stored_result
 from actors.queue import WorkerMonitor
 from actors.ratelimits import domain_key
@@ -51,6 +52,31 @@ FINAL_FLUSH_TIMEOUT = 10.0
 class RunningTask:
     attempt: int
     task: asyncio.Task[None]
+
+
+#: Seconds the processes a script left behind get between SIGTERM and SIGKILL.
+DESCENDANT_GRACE = 2.0
+
+
+def end_descendants(grace: float) -> int:
+    """End every process this worker's scripts started and left running; returns how many.
+
+    A recycled or stopped worker must not leave a browser or a helper behind
+    (``adopt_orphans`` makes even a daemonized one our descendant): SIGTERM,
+    then SIGKILL after ``grace`` seconds.
+    """
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    if children:
+        logger.warning("스크립트가 남긴 프로세스 %d개를 종료함", len(children))
+    return len(children)
 
 
 class Worker(Actor):
@@ -90,6 +116,7 @@ class Worker(Actor):
             self.request_stop()
 
     async def on_start(self) -> None:
+        adopt_orphans()  # what scripts start stays ours to end (end_descendants)
         self.wakeup = Wakeup(self.settings, self.queue.keys.wake)
         await self.wakeup.start()
         await self.monitor.register_worker(self.actor_id, **self._vitals())
@@ -98,6 +125,7 @@ class Worker(Actor):
     async def on_stop(self) -> None:
         if self.wakeup is not None:
             await self.wakeup.close()
+        await asyncio.to_thread(end_descendants, DESCENDANT_GRACE)
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat_loop())

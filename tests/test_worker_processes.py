@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 from helpers import admin, count, event_log, wait_for
+from supervisor_harness import Launcher, config_file, configured, wait_for_workers
 
 from actors.exit_codes import ChildExit
 from actors.models import ScrapingRequest, TaskStatus
@@ -251,3 +252,32 @@ async def test_actor_exits_when_its_parent_is_killed(
             await parent.wait()
         if actor_pid and not is_gone(actor_pid):
             os.kill(actor_pid, signal.SIGKILL)
+
+
+async def test_a_recycled_worker_ends_the_processes_its_scripts_left_running(
+    settings: Settings, queue: RedisQueue, launch: Launcher, tmp_path: Path
+) -> None:
+    recycling = configured(
+        settings, worker={"scripts": ["faults.misbehaving"], "max_tasks_per_child": 1}
+    )
+    config = config_file(tmp_path, recycling, processes=1)
+    supervisor = launch(config, env={"PYTHONPATH": str(Path(__file__).parent)})
+    await wait_for_workers(queue, supervisor, 1)
+
+    request_id = await queue.enqueue_task(ScrapingRequest(script_name="spawn"))
+    response = await queue.wait_for_response(request_id, 20)
+
+    assert response.data is not None
+    left = response.data["pid"]
+    await wait_for(
+        lambda: gone(left),
+        15,
+        message=f"sleep {left} outlived its recycled worker\n{supervisor.output()}",
+    )
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

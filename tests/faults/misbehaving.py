@@ -2,6 +2,8 @@
 
 * ``leak``: keeps ``mb`` MiB (default 64) alive in this worker for good, as a
   leaking scraper would; the worker's ``max_memory_mb`` watchdog must recycle it.
+* ``spawn``: starts ``sleep 300`` in a session of its own (as a daemon or a
+  browser would) and returns its pid; the worker must end it when it exits.
 * ``not-json``: returns a value JSON cannot encode (a set); the task must fail
   with a clear error, the worker must carry on.
 
@@ -12,6 +14,7 @@ Both write ``started`` / ``side_effect`` ledger lines like ``faults.ledger_scrip
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -50,3 +53,9 @@ async def leak(parameters: dict[str, Any]) -> dict[str, Any]:
 async def not_json(parameters: dict[str, Any]) -> set[str]:
     _record(parameters, "started")
     return {"a set is not JSON"}
+
+
+@script("spawn")
+def spawn(parameters: dict[str, Any]) -> dict[str, int]:
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    return {"pid": child.pid}
