@@ -19,10 +19,10 @@ from actors.base import Actor
 from actors.exit_codes import ChildExit
 from actors.governor import Governor
 from actors.heartbeat import HeartbeatMonitor
-from actors.lifecycle import die_with_parent
+from actors.lifecycle import adopt_orphans, die_with_parent
 from actors.reaper import Reaper
 from actors.scripts import import_script_modules
-from actors.worker import Worker
+from actors.worker import DESCENDANT_GRACE, Worker, end_descendants
 from config.settings import ConfigError, Settings
 from supervisor.logs import configure_logging
 
@@ -61,7 +61,16 @@ def run_actor(spec: ActorSpec) -> int:
         logger.error("%s: 설정 오류로 시작할 수 없음: %s", spec.actor_id, exc)
         return ChildExit.CONFIG_ERROR
     actor = ACTOR_KINDS[spec.kind](spec.actor_id, settings, spec.parent_pid)
-    return uvloop.run(actor.main())
+    if spec.kind != "worker":
+        return uvloop.run(actor.main())
+    # A worker process ends what its scripts started and left running (a
+    # browser, a daemon): it is their subreaper, so even those that left
+    # their own parent are its descendants when it exits.
+    adopt_orphans()
+    try:
+        return uvloop.run(actor.main())
+    finally:
+        end_descendants(DESCENDANT_GRACE)
 
 
 def actor_main(spec: ActorSpec) -> None:

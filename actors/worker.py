@@ -29,7 +29,6 @@ from actors.exceptions import (
     RateLimited,
 )
 from actors.exit_codes import ChildExit
-from actors.lifecycle import adopt_orphans
 from actors.models import ResultTooLarge, stored_result
 from actors.queue import WorkerMonitor
 from actors.ratelimits import domain_key
@@ -44,6 +43,8 @@ logger = logging.getLogger(__name__)
 CLAIM_BATCH = 64
 #: An idle worker claims at least this often, in case a wake message was lost.
 IDLE_WAIT = 1.0
+#: How long a draining worker tries to hand back the tasks still running.
+HANDBACK_TIMEOUT = 5.0
 #: How long a stopping worker keeps trying to report completed tasks.
 FINAL_FLUSH_TIMEOUT = 10.0
 
@@ -56,6 +57,11 @@ class RunningTask:
 
 #: Seconds the processes a script left behind get between SIGTERM and SIGKILL.
 DESCENDANT_GRACE = 2.0
+
+
+#: The most a worker takes after ``drain_timeout`` (hand-back, final flush,
+#: ending its scripts' processes): the supervisor's SIGKILL waits longer.
+AFTER_DRAIN = HANDBACK_TIMEOUT + FINAL_FLUSH_TIMEOUT + 2 * DESCENDANT_GRACE
 
 
 def end_descendants(grace: float) -> int:
@@ -116,7 +122,6 @@ class Worker(Actor):
             self.request_stop()
 
     async def on_start(self) -> None:
-        adopt_orphans()  # what scripts start stays ours to end (end_descendants)
         self.wakeup = Wakeup(self.settings, self.queue.keys.wake)
         await self.wakeup.start()
         await self.monitor.register_worker(self.actor_id, **self._vitals())
@@ -125,7 +130,6 @@ class Worker(Actor):
     async def on_stop(self) -> None:
         if self.wakeup is not None:
             await self.wakeup.close()
-        await asyncio.to_thread(end_descendants, DESCENDANT_GRACE)
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat_loop())
@@ -354,7 +358,10 @@ class Worker(Actor):
         if leftover:
             released = 0
             try:
-                released = await self.queue.store.release(self.actor_id, leftover, reason="drain")
-            except QueueError as exc:
+                async with asyncio.timeout(HANDBACK_TIMEOUT):
+                    released = await self.queue.store.release(
+                        self.actor_id, leftover, reason="drain"
+                    )
+            except (QueueError, TimeoutError) as exc:
                 logger.error("%s: 작업 반환 실패, 임대 만료 후 재전달됨: %s", self.actor_id, exc)
             logger.info("%s: 미완료 작업 %d건 반환", self.actor_id, released)

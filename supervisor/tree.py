@@ -36,6 +36,7 @@ from actors.exceptions import QueueConnectionException, QueueError
 from actors.exit_codes import ChildExit, CliExit
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor, time_ms
 from actors.runtime import ActorSpec
+from actors.worker import AFTER_DRAIN
 from config.settings import ConfigError, Settings
 from supervisor.health import RedisReachability
 from supervisor.notify import ProgressWatchdog, SystemdNotifier
@@ -54,8 +55,10 @@ SINGLETON_KINDS: tuple[str, ...] = ("heartbeat", "reaper", "governor")
 EXIT_GAVE_UP = 1
 """Exit status when restart intensity is exceeded (systemd's Restart=on-failure acts on it)."""
 
-DRAIN_GRACE = 5.0
-"""A draining child still alive this long after ``drain_timeout`` is SIGKILLed."""
+DRAIN_GRACE = AFTER_DRAIN + 2.0
+"""A draining child still alive this long after ``drain_timeout`` is SIGKILLed: longer
+than a worker's own bound on its hand-back and final flush, which a SIGKILL at
+``drain_timeout + 5`` used to cut (their tasks then ran twice)."""
 STOP_NOW_GRACE = 3.0
 """How long a stop-at-once waits for children before SIGKILL."""
 REAP_TIMEOUT = 5.0
