@@ -321,8 +321,8 @@ class ProcessTree:
         logger.info("%s 시작 (pid=%d)", spec.actor_id, process.pid)
         previous = self._previous_ids.get(name)
         self._previous_ids[name] = spec.actor_id
-        if previous is not None and spec.kind == WORKER:
-            self._in_background(self._announce_restart(previous, spec.actor_id))
+        if previous is not None:
+            self._in_background(self._announce_restart(previous, spec.actor_id, spec.kind))
 
     def _post_exit(self, actor_id: str, code: int) -> None:
         self._inbox.put_nowait(_Exited(actor_id, code))
@@ -398,13 +398,18 @@ class ProcessTree:
                 "%s 가 남긴 작업 재전달: %d건 대기열로, %d건 DLQ로", actor_id, requeued, dead
             )
 
-    async def _announce_restart(self, previous: str, current: str) -> None:
-        """Publish ``worker.restarted`` on the event stream (``supervisor events``)."""
+    async def _announce_restart(self, previous: str, current: str, kind: str) -> None:
+        """Publish ``worker.restarted`` on the event stream (``supervisor events``).
+
+        Every actor kind, not only workers (``kind`` says which): a reaper or
+        governor that keeps restarting is as telling as a worker.
+        """
         event = {
             "event": "worker.restarted",
             "ts": time.time(),
             "worker_id": current,
             "previous_worker_id": previous,
+            "kind": kind,
         }
         try:
             with translated_errors():

@@ -20,7 +20,7 @@ from signal import Signals
 from typing import Any, cast
 
 import pytest
-from helpers import admin, wait_for
+from helpers import admin, subscribed, wait_for
 from redis.asyncio.client import PubSub
 from supervisor_harness import configured, write_config
 
@@ -228,6 +228,21 @@ async def test_crashed_worker_restarts_after_backoff_and_its_tasks_are_requeued_
     event = await next_event(events, "worker.restarted")
     await events.aclose()  # type: ignore[no-untyped-call]
     assert (event["worker_id"], event["previous_worker_id"]) == (restarted, crashed.spec.actor_id)
+    assert await drained(tree, task) == 0
+
+
+async def test_a_restarted_singleton_actor_is_announced_with_its_kind(
+    fast: Settings, supervise: Supervise, backend: FakeBackend, queue: RedisQueue
+) -> None:
+    tree, task = await supervise(fast)
+    crashed = backend.named("reaper")[0]
+    async with subscribed(queue, queue.keys.events) as events:
+        backend.exit(crashed, ChildExit.CRASH)
+        await backend.wait_for_incarnations("reaper", 2)
+        event = await next_event(events, "worker.restarted")
+
+    assert event["kind"] == "reaper"
+    assert event["previous_worker_id"] == crashed.spec.actor_id
     assert await drained(tree, task) == 0
 
 

@@ -53,6 +53,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("dup_exec", "re-executions", "both"),
     ("recovery_s", "recovery s", "both"),
     ("restarts", "restarts", "both"),
+    ("actor_restarts", "actor restarts", "both"),
     ("peak_connections", "peak Redis clients", "worst"),
     ("worker_rss_mb", "worker RSS MB", "both"),
 )
@@ -271,6 +272,9 @@ def render(
         "  completion of a task that was in flight. W5: from a blocked task's first start to",
         "  its redelivery. S1: includes starting the new supervisor.",
         "* **restarts**: worker processes registered during the run beyond the first ones.",
+        "* **actor restarts**: `worker.restarted` events, which a supervisor publishes for"
+        " every restart of any actor kind (workers, heartbeat, reaper, governor); 0 where the"
+        " fault ran on actors without a supervisor.",
         "* **peak Redis clients**: `connected_clients`, sampled every 0.2 s (includes the",
         "  test's own observers).",
         "* **more**: fault-specific figures, e.g. `outage_s` (Redis down), `stalled_s`,",

@@ -334,6 +334,9 @@ class FaultRun:
                 "extra_commits": extra_commits,
                 "event_gaps": self.events.gaps,
                 "worker_rss_mb": worker_rss_mb(worker_pids),
+                # Measured, whatever the test expects: a supervisor announces every
+                # restart of any actor kind (none in an actors-mode cluster).
+                "actor_restarts": self.events.total("worker.restarted"),
                 "t": time.time(),
                 **figures,
             },
