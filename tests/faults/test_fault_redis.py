@@ -177,6 +177,7 @@ async def long_outage(redis_server: RedisServer, workdir: Path, seconds: float) 
     assert set(outcomes.values()) == {TaskStatus.COMPLETED}
 
 
+@pytest.mark.timeout(300)  # the outage alone is 90 s
 async def test_redis_stopped_90_s_under_load_loses_nothing_and_needs_no_operator(
     redis_server: RedisServer, redis_url: str, tmp_path: Path
 ) -> None:
@@ -184,6 +185,7 @@ async def test_redis_stopped_90_s_under_load_loses_nothing_and_needs_no_operator
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the outage alone is 300 s
 async def test_redis_stopped_5_minutes_under_load_loses_nothing_and_needs_no_operator(
     redis_server: RedisServer, redis_url: str, tmp_path: Path
 ) -> None:
