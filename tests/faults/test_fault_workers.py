@@ -225,8 +225,11 @@ async def blocked_loop(settings: Settings, workdir: Path, repeat: int, mode: Clu
             if mode == "supervisor":
 
                 def replaced() -> bool:
+                    # Every worker the poison blocked is gone and replaced. The
+                    # outcome alone is not enough: the heartbeat actor can fail the
+                    # last attempt a moment before the supervisor kills its worker.
                     pids = set(cluster.worker_pids())
-                    return len(pids) == 2 and pids != before
+                    return len(pids) == 2 and not pids & set(pids_of(run, poison.request_id))
 
                 await wait_for(replaced, 20, interval=0.1, message=cluster.logs())
             starts = [r["t"] for r in run.started(poison.request_id)]
