@@ -90,7 +90,10 @@ class Actor:
             # blocks the loop, and arms a hard exit in case the loop never
             # gets back to the graceful path.
             exit_soon(ChildExit.OK)
-            loop.call_soon_threadsafe(lambda: self.request_stop(abort=True))
+            # After the loop has ended (the process is already on its way
+            # out, e.g. ending its scripts' processes) there is nothing to stop.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(lambda: self.request_stop(abort=True))
 
         signal.signal(signal.SIGUSR1, on_abort)
 
