@@ -160,17 +160,15 @@ class MultiplexedConnection:
                 if protocol is None or protocol.broken is not None:
                     protocol = await self._connected()
                 # A cancelled caller leaves a cancelled future: its reply is skipped.
-                return await protocol.send(packed)
-            except redis_errors.ReadOnlyError as exc:
-                # The server became a replica (a failover demoted it) and refused a
-                # write, so nothing was written: reconnect (through the Sentinels:
-                # to the new master) and try again, like a broken connection.
-                if protocol is not None:
-                    protocol.abort(redis_errors.ConnectionError(f"server is read-only: {exc}"))
-                if attempt >= self._retries or self._closed:
-                    raise redis_errors.ConnectionError(f"Redis is read-only: {exc}") from exc
-                attempt += 1
-                await asyncio.sleep(jittered(attempt, self._backoff_base, self._backoff_cap))
+                try:
+                    return await protocol.send(packed)
+                except redis_errors.ReadOnlyError as exc:
+                    # The server became a replica (a failover demoted it) and refused
+                    # a write, so nothing was written: a lost connection, in effect.
+                    # The next one goes through the Sentinels to the new master.
+                    lost = redis_errors.ConnectionError(f"Redis is read-only: {exc}")
+                    protocol.abort(lost)
+                    raise lost from exc
             except (redis_errors.ConnectionError, redis_errors.TimeoutError):
                 if attempt >= self._retries or self._closed:
                     raise

@@ -55,8 +55,17 @@ ENQUEUE_WINDOW = 4
 class RedisQueue:
     """A connection to one queue in Redis."""
 
-    def __init__(self, settings: Settings, queue: str = "default") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: str = "default",
+        *,
+        rights: Sequence[str] = PRODUCER_PROBED,
+    ) -> None:
+        """``rights``: the commands (actors/rights.py) ``connect`` checks the Redis user
+        may run; a Gateway's by default, ``supervisor start`` asks for a worker host's."""
         self.settings = settings
+        self._rights = rights
         self.keys = KeySpace(settings.redis.key_prefix, queue)
         self._connection: MultiplexedConnection | None = None
         self._store: TaskStore | None = None
@@ -78,7 +87,7 @@ class RedisQueue:
                 await connection.execute("PING")
             # An ACL user without a right the API needs is refused now, by name,
             # not on some later call (and not half-way through a script).
-            missing = await store.missing_rights(PRODUCER_PROBED)
+            missing = await store.missing_rights(self._rights)
             if missing:
                 raise RedisRightsMissing(missing)
         except BaseException:
@@ -446,14 +455,18 @@ def as_dict(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+def _is_integer(raw: bytes) -> bool:
+    return raw.lstrip(b"-").isdigit()
+
+
 def numbers(fields: dict[bytes, bytes]) -> dict[bytes, int]:
     """The integer fields of a hash; a value damaged from outside reads as absent."""
-    return {k: int(v) for k, v in fields.items() if v.lstrip(b"-").isdigit()}
+    return {k: int(v) for k, v in fields.items() if _is_integer(v)}
 
 
 def count_of(raw: bytes | None) -> int:
     """A counter as stored (absent, or damaged from outside: 0; the scripts restart it)."""
-    return int(raw) if raw is not None and raw.lstrip(b"-").isdigit() else 0
+    return int(raw) if raw is not None and _is_integer(raw) else 0
 
 
 def decode_record(record: dict[bytes, bytes]) -> dict[str, Any]:

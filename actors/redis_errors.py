@@ -73,6 +73,13 @@ _BY_CODE: dict[str, type[RedisError]] = {
 
 
 def from_reply(reply: hiredis.ReplyError) -> RedisError:
-    """The exception for an error reply."""
+    """The exception for an error reply.
+
+    A script's write refused by a replica comes back as ``ERR Error running
+    script ... -READONLY ...`` on Redis 6.2: a read-only error all the same.
+    """
     message = str(reply)
-    return _BY_CODE.get(message.split(" ", 1)[0], ResponseError)(message)
+    kind = _BY_CODE.get(message.split(" ", 1)[0], ResponseError)
+    if kind is ResponseError and "READONLY You can't write" in message:
+        kind = ReadOnlyError
+    return kind(message)

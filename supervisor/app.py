@@ -103,7 +103,7 @@ async def _connect_and_supervise(
     settings: Settings, config_path: Path | None, signals: SignalCommands, own_redis: bool
 ) -> int:
     url = redacted(settings.redis.url)
-    queue = RedisQueue(settings)
+    queue = RedisQueue(settings, rights=WORKER_HOST_PROBED)
     metrics = None
     with SystemdNotifier() as notifier:
         try:
@@ -188,11 +188,8 @@ async def _wait_for_redis(
 
 
 async def _connect_and_check(queue: RedisQueue, settings: Settings, url: str) -> EpochGuard:
-    """Connect, check the server and the user's rights, publish the limits; the epoch guard."""
-    await queue.connect()
-    missing = await queue.store.missing_rights(WORKER_HOST_PROBED)
-    if missing:
-        raise RedisRightsMissing(missing)
+    """Connect (rights checked), check the server, publish the limits; the epoch guard."""
+    await queue.connect()  # raises RedisRightsMissing for an ACL without a right we need
     version = await check_server_version(queue.connection)
     logger.info("Redis %s 연결됨: %s", version, url)
     await check_eviction_policy(queue.connection)

@@ -69,9 +69,8 @@ def should_start_embedded(mode: str, url: str, state_dir: Path) -> bool:
     if something_listens(address):
         logger.info("이미 Redis가 응답하고 있어 내장 Redis를 시작하지 않습니다")
         return False
-    if _external_marker(state_dir).is_file() and (
-        _external_marker(state_dir).read_text().strip() == _address_text(address)
-    ):
+    marker = _external_marker(state_dir)
+    if marker.is_file() and marker.read_text().strip() == _address_text(address):
         logger.warning(
             "설정된 Redis(%s)가 응답하지 않지만 전에 이 주소에서 동작했으므로 "
             "내장 Redis를 시작하지 않고 복구를 기다립니다",

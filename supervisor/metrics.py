@@ -72,7 +72,7 @@ class QueueCollector(Collector):
             reading = future.result(REDIS_TIMEOUT)
         except (QueueError, concurrent.futures.TimeoutError) as exc:
             future.cancel()
-            logger.warning("메트릭 수집 중 Redis 읽기 실패: %s", exc or "시간 초과")
+            logger.warning("메트릭 수집 중 Redis 읽기 실패: %s", str(exc) or "시간 초과")
             up.add_metric([], 0)
             yield up
             return

@@ -173,7 +173,9 @@ class ProcessTree:
             async with asyncio.TaskGroup() as group:
                 health = group.create_task(self._health_loop(), name="supervisor-health")
                 if self._watchdog is not None:
-                    group.create_task(self._outage_watchdog(), name="supervisor-watchdog")
+                    group.create_task(
+                        self._outage_watchdog(self._watchdog), name="supervisor-watchdog"
+                    )
                 self._start(loop.time())
                 code = await self._supervise()
                 # Both: on Python 3.11 a cancellation that lands while redis-py's
@@ -508,14 +510,13 @@ class ProcessTree:
             )
         self._set_status(f"Redis 연결 끊김 {now - self._outage_since:.0f}초째, 워커 유지 중")
 
-    async def _outage_watchdog(self) -> None:
+    async def _outage_watchdog(self, watchdog: ProgressWatchdog) -> None:
         """Ping the watchdog through a Redis outage, however the health check is held.
 
         A check against a blackholed Redis waits for its timeouts (tens of
         seconds); a failed one or one held longer than ``heartbeat.interval``
         both mean Redis is away, not that this loop is stuck.
         """
-        assert self._watchdog is not None
         period = self._notifier.watchdog_interval() or 1.0
         loop = asyncio.get_running_loop()
         while not self._finished.is_set():
@@ -523,7 +524,7 @@ class ProcessTree:
             held = self._tick_started is not None and (
                 now - self._tick_started > self._settings.heartbeat.interval
             )
-            if (self._reachability.failing or held) and self._watchdog.should_ping_in_outage(now):
+            if (self._reachability.failing or held) and watchdog.should_ping_in_outage(now):
                 self._notifier.watchdog()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(period / 2):

@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import hiredis
 import pytest
 import redis.asyncio
 
@@ -156,3 +157,18 @@ async def test_a_wrong_password_is_an_authentication_error(secured_server: Redis
     with pytest.raises(redis_errors.AuthenticationError):
         await conn.execute("PING")
     await conn.close()
+
+
+def test_a_read_only_refusal_is_recognised_also_inside_a_script_error() -> None:
+    # Redis 7 keeps the READONLY code for a script's write on a replica; 6.2 wraps it.
+    for reply in (
+        "READONLY You can't write against a read only replica.",
+        "ERR Error running script (call to f_1): @user_script:1: @user_script: 1:"
+        " -READONLY You can't write against a read only replica.",
+    ):
+        assert isinstance(
+            redis_errors.from_reply(hiredis.ReplyError(reply)), redis_errors.ReadOnlyError
+        )
+    assert (
+        type(redis_errors.from_reply(hiredis.ReplyError("ERR other"))) is redis_errors.ResponseError
+    )

@@ -18,6 +18,7 @@ from supervisor_harness import (
     DRAIN_TIMEOUT,
     START_TIMEOUT,
     Launcher,
+    Supervisor,
     config_file,
     configured,
     pid_running,
@@ -246,6 +247,15 @@ async def test_refuses_to_start_on_a_redis_that_may_evict_keys(
     assert "allkeys-lru" in supervisor.output()
 
 
+async def completes_an_echo_then_drains(queue: RedisQueue, supervisor: Supervisor) -> None:
+    """The supervisor's workers complete a task; SIGTERM then drains it to exit 0."""
+    request_id = await queue.enqueue_task(ScrapingRequest(script_name="echo"))
+    response = await queue.wait_for_response(request_id, 20)
+    assert response.status is TaskStatus.COMPLETED
+    supervisor.send(signal.SIGTERM)
+    assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0, supervisor.output()
+
+
 async def test_a_redis_unreachable_at_start_is_waited_for_and_work_begins_when_it_answers(
     settings: Settings, launch: Launcher, tmp_path: Path
 ) -> None:
@@ -262,11 +272,7 @@ async def test_a_redis_unreachable_at_start_is_waited_for_and_work_begins_when_i
     try:
         async with RedisQueue(late) as queue:
             await wait_for_workers(queue, supervisor, 1)
-            request_id = await queue.enqueue_task(ScrapingRequest(script_name="echo"))
-            response = await queue.wait_for_response(request_id, 20)
-        assert response.status is TaskStatus.COMPLETED
-        supervisor.send(signal.SIGTERM)
-        assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0, supervisor.output()
+            await completes_an_echo_then_drains(queue, supervisor)
     finally:
         server.stop()
 
@@ -335,11 +341,7 @@ async def test_supervisor_starts_and_works_when_an_acl_refuses_info_config_and_h
     try:
         supervisor = launch(config_file(tmp_path, settings, processes=1, redis={"url": url}))
         await wait_for_workers(queue, supervisor, 1)
-        request_id = await queue.enqueue_task(ScrapingRequest(script_name="echo"))
-        response = await queue.wait_for_response(request_id, 20)
-        assert response.status is TaskStatus.COMPLETED
-        supervisor.send(signal.SIGTERM)
-        assert await supervisor.exit_code(DRAIN_TIMEOUT + 5) == 0, supervisor.output()
+        await completes_an_echo_then_drains(queue, supervisor)
     finally:
         await redis_client.execute_command("ACL", "DELUSER", user)
     output = supervisor.output()

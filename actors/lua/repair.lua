@@ -41,6 +41,7 @@ for i = 7, #ARGV do
   if redis.call('TYPE', key)['ok'] == 'hash' then
     local f = redis.call('HMGET', key, 'status', 'request', 'gate')
     local status, fixed = f[1], false
+    local shown = status and string.sub(status, 1, 40) or 'missing'  -- damaged: any length
     if status == 'pending' then
       if not in_set(KEYS[1], id) and not (f[3] and in_set(gate_prefix .. f[3], id)) then
         redis.call('HDEL', key, 'gate')
@@ -66,7 +67,7 @@ for i = 7, #ARGV do
         fixed = true
       end
     elseif f[2] then
-      local err = 'invalid task record: status ' .. (status and ('"' .. status .. '"') or 'missing')
+      local err = 'invalid task record: status ' .. (status and ('"' .. shown .. '"') or shown)
       redis.call('ZADD', KEYS[4], now, id)
       finish(id, 'failed', nil, err, nil, now, ttl_ms)
       count_up(KEYS[5], 'failed', 1)
@@ -75,7 +76,7 @@ for i = 7, #ARGV do
     end
     if fixed then
       repaired[#repaired + 1] = id
-      emit('task.repaired', now, {request_id = id, status = status or 'missing'})
+      emit('task.repaired', now, {request_id = id, status = shown})
     end
   end
 end
