@@ -106,6 +106,11 @@ class RedisQueue:
             await self._connection.close()
         self._connection = self._store = self._hub = self._wakeup = None
 
+    async def ping(self) -> None:
+        """One round trip to Redis; raises QueueConnectionException if it is away."""
+        with translated_errors():
+            await self.connection.execute("PING")
+
     async def __aenter__(self) -> RedisQueue:
         await self.connect()
         return self

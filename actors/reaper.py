@@ -16,6 +16,8 @@ import time
 from actors.backoff import Outage
 from actors.base import Actor
 from actors.exceptions import QueueError
+from actors.reachability import RedisReachability
+from config.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,11 @@ SWEEP_COUNT = 200
 
 class Reaper(Actor):
     kind = "reaper"
-    _sweep_cursor = 0  # where the sweep goes on (a SCAN cursor; 0: from the start)
+
+    def __init__(self, actor_id: str, settings: Settings, parent_pid: int) -> None:
+        super().__init__(actor_id, settings, parent_pid)
+        self._sweep_cursor = 0  # where the sweep goes on (a SCAN cursor; 0: from the start)
+        self._reachability = RedisReachability()
 
     async def run(self) -> None:
         store = self.queue.store
@@ -40,14 +46,18 @@ class Reaper(Actor):
         leader = False
         try:
             while not self.stop_requested.is_set():
+                started = time.monotonic()
                 try:
                     held = await store.hold_lock(lock, self.actor_id, LOCK_LEASE)
+                    now = time.monotonic()
+                    self._reachability.answered(now - started, now, REAP_INTERVAL)
                     if held != leader:
                         leader = held
                         logger.info("%s: 리퍼 %s", self.actor_id, "활성" if held else "대기")
                     if held:
                         next_cleanup = await self._reap(next_cleanup)
                 except QueueError as exc:
+                    self._reachability.failed()
                     await outage.failed(exc)
                     continue
                 outage.succeeded()
@@ -65,7 +75,11 @@ class Reaper(Actor):
         await store.promote_due()
         await self._sweep()
         now = time.monotonic()
-        if now < next_cleanup:
+        # Retention also forgets workers silent for minutes: not right after an
+        # outage, when every live worker looks silent until its next beat.
+        if now < next_cleanup or not self._reachability.may_judge(
+            now, self.settings.heartbeat.timeout
+        ):
             return next_cleanup
         removed, forgotten = await store.cleanup()
         if removed or forgotten:

@@ -35,10 +35,10 @@ from actors.connection import translated_errors
 from actors.exceptions import QueueConnectionException, QueueError
 from actors.exit_codes import ChildExit, CliExit
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor, time_ms
+from actors.reachability import RedisReachability
 from actors.runtime import ActorSpec
 from actors.worker import AFTER_DRAIN
 from config.settings import ConfigError, Settings
-from supervisor.health import RedisReachability
 from supervisor.notify import ProgressWatchdog, SystemdNotifier
 from supervisor.process_backend import ChildProcess, ProcessBackend
 from supervisor.redis_checks import EpochGuard

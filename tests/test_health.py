@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actors.backoff import BACKOFF_CAP
-from supervisor.health import RedisReachability
+from actors.reachability import RedisReachability
 
 INTERVAL, TIMEOUT = 1.0, 10.0
 

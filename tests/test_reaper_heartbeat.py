@@ -8,13 +8,16 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
+from faults.proxy import Proxy
 from helpers import admin, count, event_log, looping, wait_for
 
+from actors.backoff import BACKOFF_CAP
 from actors.base import Actor
 from actors.heartbeat import HeartbeatMonitor
 from actors.models import ScrapingRequest, TaskStatus
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.reaper import LOCK_LEASE, REAP_INTERVAL, Reaper
+from actors.store import WORKER_FORGET_MS
 from config.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("restore_signals")
@@ -161,3 +164,60 @@ async def test_silent_worker_is_marked_lost_once_and_its_task_requeued(
     assert count(events, "task.requeued", request_id=request_id) == 1
     assert workers["silent"]["status"] == "inactive"
     assert workers["alive"]["status"] == "active"
+
+
+# -- after an outage ------------------------------------------------------------------------
+
+
+async def test_workers_silent_through_an_outage_keep_their_tasks_records_and_status(
+    settings: Settings, queue: RedisQueue, manager: TaskManager
+) -> None:
+    """A worker that could not beat while Redis was away is not judged by its old beat.
+
+    The reaper and the heartbeat actor reach Redis through a proxy that the
+    test cuts, as if Redis were stopped; meanwhile the worker's last beat and
+    its lease are made as old as after a 5-minute outage (longer than a lease,
+    longer than the time after which a silent worker is forgotten). Once Redis
+    is back, a live worker that beats within the grace (its backoff cap) keeps
+    its lease (no rerun), its record (pid, registration) and is never lost.
+    """
+    monitor = WorkerMonitor(queue)
+    await monitor.register_worker("w", pid=4242)
+    request_id = await leased_task(queue, "w")
+    attempt = int(await admin(queue).hget(queue.keys.task(request_id), "attempt") or 0)
+    with Proxy.for_url(settings.redis.url) as proxy:
+        via_proxy = settings.model_copy(
+            update={"redis": settings.redis.model_copy(update={"url": proxy.url})}
+        )
+        actors = (
+            Reaper("r", via_proxy, os.getppid()),
+            HeartbeatMonitor("hb", via_proxy, os.getppid()),
+        )
+        async with event_log(queue) as events, running(*actors):
+            await wait_for(lambda: lock_taken(queue), 5, message="the reaper took no lock")
+            proxy.set_mode("reset")
+            await asyncio.sleep(1.5)  # both actors fail and back off
+            seconds, _ = await admin(queue).time()
+            silent_since = int(seconds) * 1000 - WORKER_FORGET_MS - 60_000
+            await admin(queue).zadd(queue.keys.workers, {"w": silent_since})
+            await admin(queue).hset(queue.keys.worker("w"), "last_heartbeat", silent_since)
+            await admin(queue).zadd(queue.keys.running, {request_id: 0}, xx=True)
+            lost: list[str] = []
+
+            async def beat_and_renew() -> None:  # the worker's own heartbeat loop
+                await monitor.update_heartbeat("w", pid=4242)
+                lost.extend(await queue.store.renew("w", [(request_id, attempt)]))
+
+            proxy.set_mode("pass")
+            # The actors are back at once; the worker's loops may sleep out their
+            # backoff cap first, as the slowest real worker would.
+            await asyncio.sleep(BACKOFF_CAP - 0.5)
+            async with looping(beat_and_renew, settings.heartbeat.interval):
+                await asyncio.sleep(settings.heartbeat.timeout + 2.0)  # past the grace
+            record = await admin(queue).hgetall(queue.keys.worker("w"))
+
+    assert lost == []
+    assert await manager.get_task_status(request_id) is TaskStatus.RUNNING
+    assert count(events, "worker.lost", worker_id="w") == 0
+    assert count(events, "task.requeued", request_id=request_id) == 0
+    assert record[b"pid"] == b"4242" and b"registered_at" in record

@@ -89,6 +89,14 @@ FINDINGS: tuple[str, ...] = (
     "  now waits `heartbeat.timeout` plus the 5 s backoff cap after an outage, and a",
     "  check whose reads took longer than `heartbeat.interval` counts as one. The",
     "  network tests assert no restart at all.",
+    "* After a Redis outage of 5 minutes (R12), the reaper's first pass forgot every",
+    "  live worker (silent for longer than the 5 minutes after which a gone worker's",
+    "  record is dropped) and requeued every lease (past its deadline on the Redis",
+    "  clock), and the heartbeat actor marked every worker lost: live workers lost",
+    "  their records (pid, registration; a test saw \"a worker process died\") and",
+    "  their running tasks ran again. The heartbeat actor and the reaper now hold",
+    "  those judgements after an outage they saw, by the supervisor's rule above;",
+    "  a worker back within its backoff cap renews its leases and keeps its tasks.",
 )
 
 

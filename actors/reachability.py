@@ -1,4 +1,10 @@
-"""When the supervisor may judge workers by their heartbeats: Redis reachability over time."""
+"""When a process may judge workers by their heartbeats: Redis reachability over time.
+
+Shared by everything that judges heartbeats: the supervisor (kills a stuck
+worker), the heartbeat actor (marks a silent worker lost, taking its leases
+back) and the reaper (forgets a worker silent for minutes). Each holds its
+judgement after an outage it saw itself, however long the outage was.
+"""
 
 from __future__ import annotations
 
