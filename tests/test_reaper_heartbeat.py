@@ -220,4 +220,5 @@ async def test_workers_silent_through_an_outage_keep_their_tasks_records_and_sta
     assert await manager.get_task_status(request_id) is TaskStatus.RUNNING
     assert count(events, "worker.lost", worker_id="w") == 0
     assert count(events, "task.requeued", request_id=request_id) == 0
-    assert record[b"pid"] == b"4242" and b"registered_at" in record
+    assert record[b"pid"] == b"4242"
+    assert b"registered_at" in record

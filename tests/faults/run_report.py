@@ -93,7 +93,7 @@ FINDINGS: tuple[str, ...] = (
     "  live worker (silent for longer than the 5 minutes after which a gone worker's",
     "  record is dropped) and requeued every lease (past its deadline on the Redis",
     "  clock), and the heartbeat actor marked every worker lost: live workers lost",
-    "  their records (pid, registration; a test saw \"a worker process died\") and",
+    '  their records (pid, registration; a test saw "a worker process died") and',
     "  their running tasks ran again. The heartbeat actor and the reaper now hold",
     "  those judgements after an outage they saw, by the supervisor's rule above;",
     "  a worker back within its backoff cap renews its leases and keeps its tasks.",
