@@ -6,6 +6,10 @@ catch one base; the names below are part of the public contract.
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
+import time
+
 
 class QueueError(Exception):
     """Base of every error raised by scrapeq's queue API."""
@@ -67,13 +71,44 @@ class TaskTimeoutException(QueueError):
         self.timeout = timeout
 
 
+#: Seconds a site is left alone when it answers 429/503 without a usable Retry-After.
+DEFAULT_RETRY_AFTER = 1.0
+
+
 class RateLimited(Exception):
-    """Raised by a script that met HTTP 429 / Retry-After.
+    """Raised by a script that met HTTP 429 (or 503) / Retry-After.
 
     The task goes back to the queue without burning an attempt, and its rate
-    key pauses for ``retry_after`` seconds on every host.
+    key pauses for ``retry_after`` seconds on every host (clamped to
+    ``[politeness] max_retry_after``). ``status`` is the HTTP status the site
+    answered: 503 counts as ``unavailable``, anything else as ``rate_limited``;
+    both slow the domain down (docs/rate-limits.md).
     """
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(f"rate limited; retry after {retry_after:.2f}s")
+    def __init__(self, retry_after: float, status: int = 429) -> None:
+        super().__init__(f"rate limited (HTTP {status}); retry after {retry_after:.2f}s")
         self.retry_after = retry_after
+        self.status = status
+
+    @classmethod
+    def from_header(cls, retry_after: str | None, status: int = 429) -> RateLimited:
+        """From an HTTP ``Retry-After`` value: delay-seconds or an HTTP date.
+
+        A missing or unreadable value waits ``DEFAULT_RETRY_AFTER`` seconds;
+        a date in the past waits none.
+        """
+        seconds = DEFAULT_RETRY_AFTER
+        if retry_after is not None:
+            text = retry_after.strip()
+            try:
+                seconds = max(0.0, float(text))
+            except ValueError:
+                with contextlib.suppress(TypeError, ValueError, IndexError):
+                    when = email.utils.parsedate_to_datetime(text)
+                    seconds = max(0.0, when.timestamp() - time.time())
+        return cls(seconds, status)
+
+    @property
+    def reason(self) -> str:
+        """The throttle reason counted in metrics: ``unavailable`` or ``rate_limited``."""
+        return "unavailable" if self.status == 503 else "rate_limited"

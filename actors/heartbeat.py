@@ -45,6 +45,7 @@ class HeartbeatMonitor(Actor):
         loop = asyncio.get_running_loop()
         started = loop.time()
         await self.queue.ping()
+        reachability.saw_reconnects(self.queue.connection.reconnects)
         reachability.answered(loop.time() - started, loop.time(), heartbeat.interval)
         if not reachability.may_judge(loop.time(), heartbeat.timeout):
             return

@@ -24,6 +24,7 @@ class KeySpace:
         "breaker_settings",
         "dead",
         "delayed",
+        "domains",
         "done_prefix",
         "epoch",
         "events",
@@ -33,6 +34,7 @@ class KeySpace:
         "limits",
         "paused",
         "pending",
+        "politeness",
         "rate_state",
         "reaper_lock",
         "running",
@@ -69,6 +71,9 @@ class KeySpace:
         self.paused = base + "rl:paused"  # hash: rate key -> paused until (ms)
         self.breaker = base + "rl:failures"  # hash: rate key -> consecutive failures
         self.breaker_settings = base + "rl:breaker"  # hash: failures, cooldown_ms
+        # Politeness: per-domain in-flight slots, windows, learned rates (lua/_lib.lua).
+        self.domains = base + "rl:domains"  # hash: <kind>:<rate key> -> value
+        self.politeness = base + "rl:polite"  # hash: cap, cap:<rate key>, adaptive, ...
         self.reaper_lock = base + "lock:reaper"
         self.governor_lock = base + "lock:governor"
         self.events = base + "events"  # channel: JSON events

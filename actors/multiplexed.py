@@ -146,6 +146,9 @@ class MultiplexedConnection:
         self._protocol: RespProtocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
+        #: Connections opened after the first one broke: a judge of heartbeats
+        #: learns of an outage that its own calls rode out by retrying.
+        self.reconnects = 0
 
     async def execute(self, *args: Any) -> Any:
         """Run one command; retried when the connection breaks."""
@@ -218,6 +221,8 @@ class MultiplexedConnection:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._protocol is None or self._protocol.broken is not None:
+                if self._protocol is not None:
+                    self.reconnects += 1
                 self._protocol = await open_protocol(self._endpoint, self._connect_timeout)
                 self._watch(self._protocol)
             return self._protocol

@@ -418,6 +418,59 @@ class TaskManager:
             if until > now_ms
         }
 
+    async def domains(self) -> list[dict[str, Any]]:
+        """Per domain seen recently: its politeness and rate-limit state, busiest first.
+
+        Each: ``domain``, ``in_flight`` (tasks running now, all hosts),
+        ``limit`` (configured tasks/s or None), ``rate`` (in force: learned or
+        configured, None = unlimited), ``learned`` (or None), ``window`` (slow
+        start; None once unknown), ``throttled_last_minute`` (429/503 answers)
+        and ``paused_for`` (seconds, 0 = not paused).
+        """
+        keys = self.queue.keys
+        with translated_errors():
+            time, state, limits, paused, policy = await self.queue.connection.execute_many(
+                ("TIME",),
+                ("HGETALL", keys.domains),
+                ("HGETALL", keys.limits),
+                ("HGETALL", keys.paused),
+                ("HGETALL", keys.politeness),
+            )
+        now_ms = time_ms(time)
+        fields = {k.decode(): v.decode() for k, v in as_dict(state).items()}
+        configured = {
+            k.decode(): rate
+            for k, v in as_dict(limits).items()
+            if (rate := _number(v.decode())) is not None and rate > 0
+        }
+        pauses = numbers(as_dict(paused))
+        adaptive = as_dict(policy).get(b"adaptive") == b"1"
+        names = {field.split(":", 1)[1] for field in fields if ":" in field}
+        names |= {key.decode() for key in pauses if key.startswith(b"domain:")}
+        names |= {key for key in configured if key.startswith("domain:")}
+        found: list[dict[str, Any]] = []
+        for key in names:
+            limit = configured.get(key, configured.get("default_domain"))
+            learned = _number(fields.get(f"r:{key}")) if adaptive else None
+            rate = min(r for r in (limit, learned) if r is not None) if limit or learned else None
+            recent = [_number(at) or 0 for at in fields.get(f"x:{key}", "").split()]
+            found.append(
+                {
+                    "domain": key.removeprefix("domain:"),
+                    "in_flight": int(_number(fields.get(f"n:{key}")) or 0),
+                    "limit": limit,
+                    "rate": rate,
+                    "learned": learned,
+                    "window": _number(fields.get(f"w:{key}")),
+                    "throttled_last_minute": sum(1 for at in recent if at > now_ms - 60_000),
+                    "paused_for": max(0.0, (pauses.get(key.encode(), 0) - now_ms) / 1000),
+                }
+            )
+        found.sort(
+            key=lambda d: (-int(d["in_flight"]), -int(d["throttled_last_minute"]), d["domain"])
+        )
+        return found
+
     async def queue_stats(self) -> dict[str, int]:
         """Counts per state: current depths and monotonic totals."""
         keys = self.queue.keys
@@ -441,12 +494,28 @@ class TaskManager:
             "repaired": counters.get("repaired", 0),  # found in no set by the reaper's sweep
         }
 
+    async def throttled(self, reasons: Sequence[str]) -> dict[str, int]:
+        """429/503 answers scripts reported, by reason (``RateLimited.reason``), ever."""
+        with translated_errors():
+            counts = await self.queue.connection.execute(
+                "HMGET", self.queue.keys.stats, *(f"throttled:{reason}" for reason in reasons)
+            )
+        return {reason: count_of(raw) for reason, raw in zip(reasons, counts, strict=True)}
+
     async def backpressure_fields(self) -> dict[bytes, bytes]:
         """The governor's published state (``state``, ``depth``, ``rate``, ...), as stored."""
         with translated_errors():
             return as_dict(
                 await self.queue.connection.execute("HGETALL", self.queue.keys.backpressure)
             )
+
+
+def _number(raw: str | None) -> float | None:
+    """A number stored by a script, or None when absent or damaged."""
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 def time_ms(reply: list[bytes]) -> int:

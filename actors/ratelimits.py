@@ -13,6 +13,7 @@ import re
 from urllib.parse import urlsplit
 
 from actors.models import ScrapingRequest
+from config.settings import PolitenessSettings
 
 _HOST = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 
@@ -39,3 +40,22 @@ def rate_keys(request: ScrapingRequest) -> str:
     domain = domain_key(request)
     script = f"script:{request.script_name}"
     return f"{domain} {script}" if domain else script
+
+
+def politeness_fields(politeness: PolitenessSettings) -> dict[str, str]:
+    """``[politeness]`` as the fields of the politeness hash the scripts read."""
+    caps = {f"cap:{key}": str(cap) for key, cap in politeness.in_flight.items()}
+    active = (
+        politeness.adaptive
+        or politeness.max_in_flight_per_domain > 0
+        or any(politeness.in_flight.values())
+    )
+    return {
+        "active": "1" if active else "0",
+        "cap": str(politeness.max_in_flight_per_domain),
+        **caps,
+        "adaptive": "1" if politeness.adaptive else "0",
+        "start_rate": repr(politeness.start_rate),
+        "min_rate": repr(politeness.min_rate),
+        "max_retry_after_ms": str(int(politeness.max_retry_after * 1000)),
+    }

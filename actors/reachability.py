@@ -30,6 +30,17 @@ class RedisReachability:
     def __init__(self) -> None:
         self.failing = False  # the last check failed
         self._back_at = -math.inf  # loop time Redis came back after an outage
+        self._reconnects = 0
+
+    def saw_reconnects(self, reconnects: int) -> None:
+        """Note the connection's reconnect count: a new reconnect was an outage.
+
+        A call that rode out a short outage by retrying never failed, but the
+        beats of that time could not get through either.
+        """
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            self.failing = True
 
     def failed(self) -> bool:
         """Record a failed check; True if it is the first of an outage."""

@@ -36,6 +36,7 @@ class Reaper(Actor):
     def __init__(self, actor_id: str, settings: Settings, parent_pid: int) -> None:
         super().__init__(actor_id, settings, parent_pid)
         self._sweep_cursor = 0  # where the sweep goes on (a SCAN cursor; 0: from the start)
+        self._domain_cursors = "0 0 0 0"  # where the walk over per-domain state goes on
         self._reachability = RedisReachability()
 
     async def run(self) -> None:
@@ -50,6 +51,7 @@ class Reaper(Actor):
                 try:
                     held = await store.hold_lock(lock, self.actor_id, LOCK_LEASE)
                     now = time.monotonic()
+                    self._reachability.saw_reconnects(self.queue.connection.reconnects)
                     self._reachability.answered(now - started, now, REAP_INTERVAL)
                     if held != leader:
                         leader = held
@@ -69,22 +71,35 @@ class Reaper(Actor):
 
     async def _reap(self, next_cleanup: float) -> float:
         store = self.queue.store
-        requeued, dead = await store.requeue_expired()
-        if requeued or dead:
-            logger.warning("임대 만료 작업 %d건 재전달, %d건 실패 처리", requeued, dead)
+        now = time.monotonic()
+        # Right after an outage every live worker looks silent (its beats and
+        # lease renewals could not get through): leases are not taken back
+        # and workers not forgotten until each has had time to beat again.
+        judging = self._reachability.may_judge(now, self.settings.heartbeat.timeout)
+        if judging:
+            requeued, dead = await store.requeue_expired()
+            if requeued or dead:
+                logger.warning("임대 만료 작업 %d건 재전달, %d건 실패 처리", requeued, dead)
         await store.promote_due()
         await self._sweep()
-        now = time.monotonic()
-        # Retention also forgets workers silent for minutes: not right after an
-        # outage, when every live worker looks silent until its next beat.
-        if now < next_cleanup or not self._reachability.may_judge(
-            now, self.settings.heartbeat.timeout
-        ):
+        await self._prune_domains()
+        if now < next_cleanup or not judging:
             return next_cleanup
         removed, forgotten = await store.cleanup()
         if removed or forgotten:
             logger.info("보존 기간 정리: 데드레터 %d건, 워커 %d개 삭제", removed, forgotten)
         return now + self.settings.tasks.cleanup_interval
+
+    async def _prune_domains(self) -> None:
+        """One step of the walk over per-domain state: idle rates decay, old domains go."""
+        politeness = self.settings.politeness
+        self._domain_cursors, forgotten = await self.queue.store.prune_domains(
+            self._domain_cursors, SWEEP_COUNT, politeness.idle_decay, politeness.forget_after
+        )
+        if forgotten:
+            logger.info(
+                "%.0f초 동안 조용했던 도메인 %d개의 상태 삭제", politeness.forget_after, forgotten
+            )
 
     async def _sweep(self) -> None:
         """One step of the endless sweep for task records in no queue set (repair.lua).

@@ -21,6 +21,7 @@ from actors.connection import translated_errors
 from actors.exceptions import BackpressureException, DuplicateTaskException, ScriptError
 from actors.keys import KeySpace
 from actors.multiplexed import MultiplexedConnection
+from actors.ratelimits import politeness_fields
 from config.settings import Settings
 
 #: Scripts by name; a test checks that this matches the folder exactly.
@@ -39,6 +40,7 @@ SCRIPT_NAMES = (
     "mark_lost",
     "probe",
     "promote",
+    "prune_domains",
     "release",
     "renew",
     "repair",
@@ -92,7 +94,7 @@ class EnqueueItem(NamedTuple):
 #: the other fails a test instead of handing a script the wrong key.
 SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
     "backpressure": ("backpressure",),
-    "cancel": ("pending", "delayed", "running", "stats"),
+    "cancel": ("pending", "delayed", "running", "stats", "domains", "politeness", "gates"),
     "claim": (
         "pending",
         "running",
@@ -105,23 +107,58 @@ SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
         "gates",
         "breaker_settings",
         "dead",
+        "domains",
+        "politeness",
     ),
     "cleanup": ("dead", "workers"),
-    "complete": ("running", "stats", "breaker", "paused", "breaker_settings", "gates"),
+    "complete": (
+        "running",
+        "stats",
+        "breaker",
+        "paused",
+        "breaker_settings",
+        "gates",
+        "domains",
+        "politeness",
+        "limits",
+    ),
     "dlq_purge": ("dead",),
     "dlq_requeue": ("dead", "pending", "stats"),
     "enqueue": ("pending", "seq", "stats", "backpressure", "limits", "paused", "gates"),
-    "fail": ("running", "delayed", "dead", "stats", "breaker", "paused", "breaker_settings"),
+    "fail": (
+        "running",
+        "delayed",
+        "dead",
+        "stats",
+        "breaker",
+        "paused",
+        "breaker_settings",
+        "domains",
+        "politeness",
+        "gates",
+    ),
     "heartbeat": ("workers", "<worker>"),
     "lock": ("<lock>",),
     "mark_lost": ("workers",),
     "probe": (),
     "promote": ("pending", "delayed"),
-    "release": ("running", "pending", "delayed", "stats", "paused"),
+    "prune_domains": ("domains", "rate_state", "paused", "breaker", "limits"),
+    "release": (
+        "running",
+        "pending",
+        "delayed",
+        "stats",
+        "paused",
+        "domains",
+        "politeness",
+        "gates",
+        "limits",
+        "rate_state",
+    ),
     "renew": ("running",),
     "repair": ("pending", "running", "delayed", "dead", "stats"),
-    "requeue_leases": ("running", "pending", "dead", "stats"),
-    "set_limits": ("limits", "breaker_settings"),
+    "requeue_leases": ("running", "pending", "dead", "stats", "domains", "politeness", "gates"),
+    "set_limits": ("limits", "breaker_settings", "politeness"),
 }
 
 
@@ -428,7 +465,7 @@ class TaskStore:
         await self._call("lock", [owner, 0, "release"], lock=key)
 
     async def set_limits(self, settings: Settings) -> int:
-        """Publish ``[rate_limits]`` and ``[circuit_breaker]`` for every host."""
+        """Publish ``[rate_limits]``, ``[circuit_breaker]`` and ``[politeness]`` for every host."""
         breaker = settings.circuit_breaker
         args: list[Any] = [
             breaker.failures,
@@ -437,7 +474,23 @@ class TaskStore:
         ]
         for key, rate in settings.rate_limits.items():
             args += [key, rate]
+        policy = politeness_fields(settings.politeness)
+        args.append(len(policy))
+        for name, value in policy.items():
+            args += [name, value]
         return int(await self._call("set_limits", args))
+
+    async def prune_domains(
+        self, cursors: str, count: int, decay: float, forget: float
+    ) -> tuple[str, int]:
+        """One step of the walk over per-domain state (``prune_domains.lua``).
+
+        Returns the cursors to go on from and how many domains were forgotten.
+        """
+        cursors_after, forgotten = await self._call(
+            "prune_domains", [cursors, count, int(decay * 1000), int(forget * 1000)]
+        )
+        return cursors_after.decode(), int(forgotten)
 
     async def publish_backpressure(self, state: str, depth: int, rate: float, drain: float) -> str:
         """Publish the governor's state; returns the previous one ("" if none)."""

@@ -226,17 +226,19 @@ class Worker(Actor):
             return
         except RateLimited as exc:
             # Back to the queue without burning an attempt; the site's key
-            # pauses on every host (or, with no site, the task waits).
+            # pauses on every host and slows down (or, with no site, the task
+            # waits). A Retry-After past the documented maximum is clamped.
             domain = domain_key(request)
+            pause = min(max(0.0, exc.retry_after), self.settings.politeness.max_retry_after)
             await self._report(
                 "속도 제한 반환",
                 self.queue.store.release(
                     self.actor_id,
                     [(lease.request_id, lease.attempt)],
-                    reason="rate_limited",
-                    delay=0 if domain else exc.retry_after,
+                    reason=exc.reason,
+                    delay=0 if domain else pause,
                     pause_key=domain or "",
-                    pause=exc.retry_after,
+                    pause=pause,
                 ),
             )
             return

@@ -76,9 +76,16 @@ def _check_rate_key(key: str) -> str:
     return key
 
 
+def _check_domain_key(key: str) -> str:
+    if not key.startswith("domain:") or not _RATE_KEY.fullmatch(key):
+        raise ValueError("per-domain keys are 'domain:HOST'")
+    return key
+
+
 Seconds = PositiveFloat
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")]
 RateKey = Annotated[str, AfterValidator(_check_rate_key)]
+DomainKey = Annotated[str, AfterValidator(_check_domain_key)]
 
 
 class _Section(BaseModel):
@@ -186,6 +193,19 @@ class BackpressureSettings(_Section):
 class CircuitBreakerSettings(_Section):
     failures: NonNegativeInt = 5  # consecutive failures that pause a domain; 0 = off
     cooldown: Seconds = 30.0  # pause before one probe task is let through
+
+
+class PolitenessSettings(_Section):
+    """How scrapeq spares sites that publish no limit (docs/rate-limits.md)."""
+
+    max_in_flight_per_domain: NonNegativeInt = 8  # tasks of one domain at once, all hosts; 0 = off
+    in_flight: dict[DomainKey, NonNegativeInt] = Field(default_factory=dict)  # per-domain caps
+    adaptive: bool = True  # learn a domain's pace from 429/503, slow start after a pause
+    max_retry_after: Seconds = 3600.0  # a site's Retry-After is clamped to this
+    start_rate: PositiveFloat = 1.0  # tasks/s of a domain with no limit at its first 429/503
+    min_rate: PositiveFloat = 0.05  # a learned rate never drops below this (tasks/s)
+    idle_decay: Seconds = 60.0  # each idle period doubles a learned rate, up to the configured one
+    forget_after: Seconds = 3600.0  # state of a domain idle this long is dropped
 
 
 class SupervisorSettings(_Section):
@@ -352,6 +372,7 @@ class Settings(BaseSettings):
     backpressure: BackpressureSettings = Field(default_factory=BackpressureSettings)
     rate_limits: dict[RateKey, PositiveFloat] = Field(default_factory=dict)
     circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
+    politeness: PolitenessSettings = Field(default_factory=PolitenessSettings)
     supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
 
     def __init__(self, **values: Any) -> None:

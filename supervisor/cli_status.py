@@ -40,7 +40,8 @@ def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="show queue depths, workers and backpressure",
         description="Show queue depths and totals, every known worker and the backpressure "
-        "state. --json prints one object with 'queue', 'workers' and 'backpressure'.",
+        "state. --json prints one object with 'queue', 'workers', 'backpressure', "
+        "'paused_keys' and 'domains'.",
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument(
@@ -67,6 +68,7 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
     manager = TaskManager(queue)
     stats = await manager.queue_stats()
     paused = await manager.paused_keys()
+    domains = await manager.domains()
     workers = await WorkerMonitor(queue).get_active_workers()
     fields = await manager.backpressure_fields()
     for worker in workers:
@@ -77,7 +79,16 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
         "workers": workers,
         "backpressure": backpressure_view(fields, stats["pending"]),
         "paused_keys": paused,
+        "domains": domains,
     }
+
+
+#: Domains the text view lists (``--json`` has them all).
+DOMAINS_SHOWN = 20
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.3g}"
 
 
 def print_snapshot(state: dict[str, Any]) -> None:
@@ -88,6 +99,25 @@ def print_snapshot(state: dict[str, Any]) -> None:
     if state["paused_keys"]:
         paused = ", ".join(f"{key} ({left:.0f}s)" for key, left in state["paused_keys"].items())
         print(f"paused rate keys: {paused}")
+    if state["domains"]:
+        shown = state["domains"][:DOMAINS_SHOWN]
+        more = len(state["domains"]) - len(shown)
+        print(f"\ndomains (busiest first{f', {more} more in --json' if more > 0 else ''}):")
+        print_table(
+            ["domain", "in_flight", "limit/s", "rate/s", "learned/s", "429s/min", "paused"],
+            [
+                [
+                    d["domain"],
+                    d["in_flight"],
+                    _rate(d["limit"]),
+                    _rate(d["rate"]),
+                    _rate(d["learned"]),
+                    d["throttled_last_minute"],
+                    f"{d['paused_for']:.0f}s" if d["paused_for"] else "-",
+                ]
+                for d in shown
+            ],
+        )
     workers = state["workers"]
     active = sum(1 for w in workers if w.get("status") == "active")
     print(f"\nworkers: {active} active, {len(workers) - active} inactive")

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 #: A scrape waits at most this long for Redis, well inside Prometheus' default 10 s timeout.
 REDIS_TIMEOUT = 3.0
 
+#: Domains ``scrapeq_domain_rate`` reports at most (its label set stays bounded).
+DOMAIN_LABELS = 10
+#: The reasons ``scrapeq_domain_throttled_total`` counts (RateLimited.reason).
+THROTTLE_REASONS = ("rate_limited", "unavailable")
 #: The monotonic totals reported as ``scrapeq_tasks_total{outcome}``.
 OUTCOMES = ("completed", "failed", "cancelled", "enqueued")
 
@@ -41,20 +45,31 @@ class QueueReading:
     workers: dict[str, int]  # active, inactive
     backpressure: dict[str, Any]  # state, depth[, rate]
     repaired: int  # task records the reaper's sweep found in no queue set
+    domain_rates: dict[str, float]  # the rate in force of the domains reported (bounded)
+    throttled: dict[str, int]  # 429/503 answers by reason, since the queue was created
 
 
 async def read_queue(queue: RedisQueue) -> QueueReading:
     """Everything one scrape reports (a worker is inactive once its heartbeat is overdue)."""
     manager = TaskManager(queue)
-    stats, pressure, workers = await asyncio.gather(
-        manager.queue_stats(), manager.backpressure_fields(), WorkerMonitor(queue).liveness()
+    stats, pressure, workers, domains, throttled = await asyncio.gather(
+        manager.queue_stats(),
+        manager.backpressure_fields(),
+        WorkerMonitor(queue).liveness(),
+        manager.domains(),
+        manager.throttled(THROTTLE_REASONS),
     )
+    # A bounded label set: the busiest domains first, then those held lowest.
+    limited = [d for d in domains if d["rate"] is not None]
+    limited.sort(key=lambda d: (-d["in_flight"], d["rate"]))
     return QueueReading(
         depths={name: stats[name] for name in ("pending", "running", "retrying", "dead_letter")},
         totals={name: stats[name] for name in OUTCOMES},
         workers=workers,
         backpressure=backpressure_view(pressure, stats["pending"]),
         repaired=stats["repaired"],
+        domain_rates={d["domain"]: d["rate"] for d in limited[:DOMAIN_LABELS]},
+        throttled=throttled,
     )
 
 
@@ -95,6 +110,22 @@ class QueueCollector(Collector):
             "Task records the reaper found in no queue set and put back",
             value=reading.repaired,
         )
+        rates = GaugeMetricFamily(
+            "scrapeq_domain_rate",
+            f"Tasks/s in force (learned or configured) of up to {DOMAIN_LABELS} domains",
+            labels=["domain"],
+        )
+        for domain, rate in reading.domain_rates.items():
+            rates.add_metric([domain], rate)
+        yield rates
+        throttled = CounterMetricFamily(
+            "scrapeq_domain_throttled",
+            "HTTP 429 (rate_limited) and 503 (unavailable) answers scripts reported",
+            labels=["reason"],
+        )
+        for reason, value in reading.throttled.items():
+            throttled.add_metric([reason], value)
+        yield throttled
         workers = GaugeMetricFamily(
             "scrapeq_workers", "Known workers by liveness", labels=["status"]
         )

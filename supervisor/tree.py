@@ -545,6 +545,7 @@ class ProcessTree:
         await self._epoch.check()
         workers = [c for c in self._current.values() if c.spec.kind == WORKER]
         heartbeat = self._settings.heartbeat
+        self._reachability.saw_reconnects(self._queue.connection.reconnects)
         self._reachability.answered(loop.time() - started, loop.time(), heartbeat.interval)
         if self._reachability.may_judge(loop.time(), heartbeat.timeout):
             self._kill_stale(workers, records, redis_now)

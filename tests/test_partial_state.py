@@ -151,7 +151,12 @@ async def test_claim_with_a_damaged_rate_limit_value_loses_no_task(
     settings: Settings, queue: RedisQueue, damaged: str
 ) -> None:
     await queue.store.set_limits(
-        derive(settings, rate_limits={"domain:a.test": 1000.0}, circuit_breaker={"failures": 3})
+        derive(
+            settings,
+            rate_limits={"domain:a.test": 1000.0},
+            circuit_breaker={"failures": 3},
+            politeness={"max_in_flight_per_domain": 0},  # a damaged limit: no slow start
+        )
     )
     ids = [
         await queue.enqueue_task(request(parameters={"url": "https://a.test/"})) for _ in range(3)
@@ -321,3 +326,27 @@ async def test_a_huge_error_is_stored_cut_with_a_marker_everywhere_it_goes(
     response = await manager.get_response(request_id)
     assert response is not None
     assert response.error == stored["error"]
+
+
+@pytest.mark.parametrize("field", ["n", "w", "r", "s", "x", "a"])
+async def test_claim_and_reports_with_damaged_politeness_state_lose_no_task(
+    settings: Settings, queue: RedisQueue, field: str
+) -> None:
+    """A per-domain politeness field damaged from outside never aborts a script half-way."""
+    await queue.store.set_limits(settings)
+    for _ in range(3):
+        await queue.enqueue_task(request(parameters={"url": "https://a.test/"}))
+    await admin(queue).hset(queue.keys.domains, f"{field}:domain:a.test", "not a number")
+
+    claimed = (await queue.store.claim("w1", 3)).leases
+    await queue.store.release(
+        "w1",
+        [(claimed[0].request_id, claimed[0].attempt)],
+        reason="rate_limited",
+        pause_key="domain:a.test",
+        pause=0.01,
+    )
+
+    assert claimed
+    assert await orphans(queue) == []
+    assert await queue.store.prune_domains("0 0 0 0", 100, 0.001, 0.001)

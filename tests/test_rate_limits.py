@@ -52,8 +52,13 @@ def on(host: str | None, n: int, **fields: Any) -> list[ScrapingRequest]:
 
 
 async def publish(queue: RedisQueue, settings: Settings, rates: dict[str, float]) -> None:
-    """What ``supervisor start`` does: publish ``[rate_limits]`` (and the breaker) to Redis."""
-    await queue.store.set_limits(configured(settings, rate_limits=rates))
+    """What ``supervisor start`` does: publish ``[rate_limits]`` (and the breaker) to Redis.
+
+    The rates alone: these tests start more tasks of one domain at once than
+    the default in-flight cap allows (tests/test_politeness.py covers it).
+    """
+    politeness = settings.politeness.model_copy(update={"max_in_flight_per_domain": 0})
+    await queue.store.set_limits(configured(settings, rate_limits=rates, politeness=politeness))
 
 
 async def started_at(queue: RedisQueue, ids: Collection[str]) -> dict[str, int]:

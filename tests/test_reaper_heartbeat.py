@@ -193,8 +193,15 @@ async def test_workers_silent_through_an_outage_keep_their_tasks_records_and_sta
             Reaper("r", via_proxy, os.getppid()),
             HeartbeatMonitor("hb", via_proxy, os.getppid()),
         )
+        lost: list[str] = []
+
+        async def beat_and_renew() -> None:  # the worker's own heartbeat loop
+            await monitor.update_heartbeat("w", pid=4242)
+            lost.extend(await queue.store.renew("w", [(request_id, attempt)]))
+
         async with event_log(queue) as events, running(*actors):
-            await wait_for(lambda: lock_taken(queue), 5, message="the reaper took no lock")
+            async with looping(beat_and_renew, settings.heartbeat.interval):
+                await wait_for(lambda: lock_taken(queue), 5, message="the reaper took no lock")
             proxy.set_mode("reset")
             await asyncio.sleep(1.5)  # both actors fail and back off
             seconds, _ = await admin(queue).time()
@@ -202,12 +209,6 @@ async def test_workers_silent_through_an_outage_keep_their_tasks_records_and_sta
             await admin(queue).zadd(queue.keys.workers, {"w": silent_since})
             await admin(queue).hset(queue.keys.worker("w"), "last_heartbeat", silent_since)
             await admin(queue).zadd(queue.keys.running, {request_id: 0}, xx=True)
-            lost: list[str] = []
-
-            async def beat_and_renew() -> None:  # the worker's own heartbeat loop
-                await monitor.update_heartbeat("w", pid=4242)
-                lost.extend(await queue.store.renew("w", [(request_id, attempt)]))
-
             proxy.set_mode("pass")
             # The actors are back at once; the worker's loops may sleep out their
             # backoff cap first, as the slowest real worker would.

@@ -166,14 +166,70 @@ local function split_keys(text)
   return keys
 end
 
-local function rate_of(limits, key)
+-- Politeness (docs/rate-limits.md). The scripts that start or end tasks name
+-- three more keys and hand them to use_domains() first:
+--   domains  hash, per domain rate key K:
+--     n:K  tasks of K running now, on every host (the in-flight cap counts these)
+--     w:K  K's concurrency window, for a domain with no configured limit: 1
+--          for one not seen before (slow start), +1 per success up to the
+--          cap, halved when K answers 429/503
+--     a:K  when a task of K last started or was throttled (ms): idle domains
+--          decay, then are forgotten (prune_domains.lua)
+--     r:K  the rate learned for K (tasks/s) once it answered 429/503
+--     s:K  successes since r:K last changed
+--     d:K  when r:K last decayed (ms)
+--     x:K  the last 429/503 answers of K (ms, space separated, at most 16)
+--   policy   hash: active (1: a cap or adaptive applies, so claim looks at
+--            every task that names a domain), cap (tasks of one domain
+--            running at once, 0 = none), cap:K (K's own cap), adaptive (1/0),
+--            start_rate, min_rate, max_retry_after_ms
+--   gates    the gates zset: a slot given back makes K's gate due at once
+-- A started task that took a slot of K names K in its record's `slot` field;
+-- free_slot() gives it back, once, on every path out of `running`.
+local DOMAINS, POLICY, GATES_OF = nil, nil, nil
+local function use_domains(domains, policy, gates)
+  DOMAINS, POLICY, GATES_OF = domains, policy, gates
+end
+
+local function is_domain(key)
+  return string.sub(key, 1, 7) == 'domain:'
+end
+
+-- The configured rate of a key (its own entry, else default_domain), or nil.
+local function configured_rate(limits, key)
   local rate = redis.call('HGET', limits, key)
-  if not rate and string.sub(key, 1, 7) == 'domain:' then
+  if not rate and is_domain(key) then
     rate = redis.call('HGET', limits, 'default_domain')
   end
   rate = tonumber(rate)
   return rate and rate > 0 and rate or nil  -- a damaged rate limits nothing
 end
+
+-- The rate a key runs at now: the configured one, or the learned one where
+-- lower (the configured rate is the ceiling of learning), or nil: unlimited.
+local function rate_of(limits, key)
+  local rate = configured_rate(limits, key)
+  if DOMAINS and is_domain(key) and redis.call('HGET', POLICY, 'adaptive') == '1' then
+    local learned = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
+    if learned and learned > 0 and (not rate or learned < rate) then
+      rate = learned
+    end
+  end
+  return rate
+end
+
+local function policy_num(field, default)
+  return num(redis.call('HGET', POLICY, field), default)
+end
+
+-- How many tasks of domain key K may run at once (0: no cap).
+local function cap_of(key)
+  return num(redis.call('HGET', POLICY, 'cap:' .. key) or redis.call('HGET', POLICY, 'cap'), 0)
+end
+
+-- A domain at its in-flight cap is looked at again this often, and at once
+-- whenever one of its tasks leaves `running` (free_slot).
+local CAP_RECHECK_MS = 1000
 
 -- The first of `keys` that holds tasks back (limited or paused), or nil.
 local function gate_for(limits, paused, keys)
@@ -186,11 +242,12 @@ local function gate_for(limits, paused, keys)
 end
 
 -- Try to start a task with these rate keys now. Returns 0 and takes a start
--- from every limited key, or returns the time (ms) it may start and the key
--- that holds it back, taking nothing. `breaker_settings` is the hash with the
+-- from every limited key (and a slot of its domain, returned third, when the
+-- domain is capped), or returns the time (ms) it may start and the key that
+-- holds it back, taking nothing. `breaker_settings` is the hash with the
 -- circuit breaker's `failures` threshold and `cooldown_ms`.
 local function try_start(limits, state, paused, breaker, breaker_settings, keys, now)
-  local wait, blocker = 0, nil
+  local wait, blocker, slot = 0, nil, nil
   local plans = {}
   for _, key in ipairs(keys) do
     local until_ms = num(redis.call('HGET', paused, key), 0)
@@ -209,13 +266,31 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
           plans[#plans + 1] = {key, tat + interval}
         end
       end
+      if DOMAINS and is_domain(key) then
+        local cap = cap_of(key)
+        if cap > 0 then
+          -- A site with a configured limit is known: no slow start there.
+          local room = cap
+          if not configured_rate(limits, key) then
+            room = math.min(cap, num(redis.call('HGET', DOMAINS, 'w:' .. key), 1))
+          end
+          if num(redis.call('HGET', DOMAINS, 'n:' .. key), 0) >= room then
+            if now + CAP_RECHECK_MS > wait then wait, blocker = now + CAP_RECHECK_MS, key end
+          else
+            slot = key
+          end
+        end
+      end
     end
   end
   if wait > 0 then
-    return wait, blocker
+    return wait, blocker, nil
   end
   for _, plan in ipairs(plans) do
     redis.call('HSET', state, plan[1], plan[2])
+  end
+  if slot then
+    count_up(DOMAINS, 'n:' .. slot, 1)
   end
   -- A key whose breaker is open lets this one task through as its probe and
   -- stays paused until the probe reports (success resumes it, failure re-opens).
@@ -228,7 +303,108 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
       end
     end
   end
-  return 0, nil
+  return 0, nil, slot
+end
+
+-- After a success of domain key K whose rate was learned: one more success
+-- in the run; after about a second's worth (ceil(rate) successes) the rate
+-- rises by a tenth (at least min_rate). Back at the configured ceiling (or
+-- past 1000/s with none) the learned rate is dropped: the site showed no limit.
+local MAX_LEARNED_RATE = 1000
+local function learn_success(limits, key, now)
+  local learned = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
+  if not learned then
+    return
+  end
+  local run = num(redis.pcall('HINCRBY', DOMAINS, 's:' .. key, 1), 1)
+  if run < math.max(1, math.ceil(learned)) then
+    return
+  end
+  local ceiling = configured_rate(limits, key) or MAX_LEARNED_RATE
+  local rate = learned + math.max(learned / 10, policy_num('min_rate', 0.05))
+  if rate >= ceiling then
+    redis.call('HDEL', DOMAINS, 'r:' .. key, 's:' .. key, 'd:' .. key)
+    emit('rate.adjusted', now, {key = key, rate = configured_rate(limits, key), reason = 'restored'})
+  else
+    redis.call('HSET', DOMAINS, 'r:' .. key, rate, 's:' .. key, 0)
+    emit('rate.adjusted', now, {key = key, rate = rate, reason = 'increased'})
+  end
+end
+
+-- Give back the domain slot task `id` holds, if any (once: the field goes).
+-- `success`: the task completed, so its domain's window and learned rate grow.
+-- A task of the domain waiting at its gate may start at once: the gate is
+-- made due and the workers are woken (once per script call).
+local slot_woken = false
+local function free_slot(id, now, success, limits)
+  if not DOMAINS then
+    return
+  end
+  local key = redis.call('HGET', PREFIX .. id, 'slot')
+  if not key then
+    return
+  end
+  redis.call('HDEL', PREFIX .. id, 'slot')
+  local left = redis.pcall('HINCRBY', DOMAINS, 'n:' .. key, -1)
+  if type(left) ~= 'number' or left <= 0 then
+    redis.call('HDEL', DOMAINS, 'n:' .. key)
+  end
+  if success then
+    local window = num(redis.call('HGET', DOMAINS, 'w:' .. key), 1)
+    if window < cap_of(key) then
+      redis.call('HSET', DOMAINS, 'w:' .. key, window + 1)
+    end
+    if limits then
+      learn_success(limits, key, now)
+    end
+  end
+  local due = redis.call('ZSCORE', GATES_OF, key)
+  if due and num(due, 0) > now then
+    redis.call('ZADD', GATES_OF, 'XX', now, key)
+    if not slot_woken then
+      slot_woken = true
+      publish(WAKE, 1)
+    end
+  end
+end
+
+-- Domain key K answered 429 or 503 (`reason`: rate_limited, unavailable): its
+-- window halves, and, with adaptive on, its rate drops by half (from the
+-- learned rate, else the configured one, else to start_rate), never below
+-- min_rate. The pause ends with one probe, then the new pace, not a burst:
+-- K's GCRA state is set so that the pause's end admits one task.
+-- Records the answer (x:K) for status. Returns the new rate, or nil.
+local THROTTLE_ROUND_MS = 1000
+local function learn_throttle(limits, state, key, now, until_ms, reason)
+  local recent = split_keys(redis.call('HGET', DOMAINS, 'x:' .. key))
+  local previous = num(recent[#recent], 0)
+  recent[#recent + 1] = tostring(now)
+  while #recent > 16 do
+    table.remove(recent, 1)
+  end
+  redis.call('HSET', DOMAINS, 'x:' .. key, table.concat(recent, ' '), 'a:' .. key, now)
+  -- Answers to requests sent together (up to the window) arrive together:
+  -- like TCP's one decrease per round trip, they count as one signal.
+  if now - previous < THROTTLE_ROUND_MS then
+    return nil
+  end
+  if cap_of(key) > 0 then
+    local window = num(redis.call('HGET', DOMAINS, 'w:' .. key), 1)
+    redis.call('HSET', DOMAINS, 'w:' .. key, math.max(1, math.floor(window / 2)))
+  end
+  if policy_num('adaptive', 0) ~= 1 then
+    return nil
+  end
+  local current = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
+    or configured_rate(limits, key)
+  local floor = policy_num('min_rate', 0.05)
+  local rate = current and math.max(floor, current / 2) or math.max(floor, policy_num('start_rate', 1))
+  redis.call('HSET', DOMAINS, 'r:' .. key, rate, 's:' .. key, 0)
+  redis.call('HDEL', DOMAINS, 'd:' .. key)
+  local interval = 1000 / rate
+  redis.call('HSET', state, key, until_ms + interval * (math.max(1, math.ceil(rate)) - 1))
+  emit('rate.adjusted', now, {key = key, rate = rate, reason = reason})
+  return rate
 end
 
 -- Put a pending task into the gate of `key` (it waits there, keeping its

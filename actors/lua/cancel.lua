@@ -4,6 +4,9 @@
 -- KEYS[2] delayed  zset
 -- KEYS[3] running  zset
 -- KEYS[4] stats    hash of monotonic counters
+-- KEYS[5] domains     hash: per-domain politeness state (a running task's slot is given back)
+-- KEYS[6] politeness  hash: the in-flight cap and adaptive settings
+-- KEYS[7] gates       zset rate key -> next start (ms)
 -- ARGV[5] request id
 -- ARGV[6] reason
 -- ARGV[7] result ttl in ms
@@ -26,6 +29,8 @@ if ARGV[9] ~= '' and not holds_lease(id, ARGV[9], ARGV[10]) then
   return 0
 end
 local now = now_ms()
+use_domains(KEYS[5], KEYS[6], KEYS[7])
+free_slot(id, now, false, nil)
 redis.call('ZREM', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[3], id)

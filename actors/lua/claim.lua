@@ -12,6 +12,8 @@
 -- KEYS[9]  gates             zset rate key -> when its next task may start (ms)
 -- KEYS[10] breaker_settings  hash: failures (threshold), cooldown_ms
 -- KEYS[11] dead              zset id -> time dead-lettered (a damaged record goes there)
+-- KEYS[12] domains           hash: per-domain politeness state (see _lib.lua)
+-- KEYS[13] politeness        hash: the in-flight cap and adaptive settings
 -- ARGV[5]  worker id
 -- ARGV[6]  count: tasks to claim
 -- ARGV[7]  lease in ms
@@ -19,6 +21,8 @@
 -- ARGV[9]  result ttl in ms (a task past its expires_at is cancelled here)
 -- ARGV[10] gate key prefix
 --
+-- A task of a domain at its in-flight cap (all hosts) waits in the domain's
+-- gate too, and takes a slot when it starts (the record's `slot` field).
 -- Rate-limited work never blocks the rest: gated keys whose time has come are
 -- served first, the one that has waited longest first; a task popped from
 -- pending whose key is over its limit (limits changed since its enqueue, or
@@ -34,6 +38,7 @@ local lease_ms, promote_limit, ttl_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), to
 local gate_prefix = ARGV[10]
 local LIMITS, STATE, PAUSED, BREAKER, GATES = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local BREAKER_SETTINGS = KEYS[10]
+use_domains(KEYS[12], KEYS[13], GATES)
 
 local now = now_ms()
 
@@ -53,7 +58,7 @@ local claimed = 0
 
 -- Lease one task (its rate keys already admitted it), or cancel it if it
 -- expired, or dead-letter a damaged record. f is its HMGET of RECORD_FIELDS.
-local function start(id, f)
+local function start(id, f, slot)
   local request, expires_at = f[1], f[2]
   if expired(expires_at) then
     finish(id, 'cancelled', nil, 'expired', nil, now, ttl_ms)
@@ -77,6 +82,13 @@ local function start(id, f)
   local attempt = previous + 1
   redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
     'started_at', now)
+  if slot then
+    redis.call('HSET', key, 'slot', slot)
+  end
+  local domain = f[3] and string.match(f[3], '^domain:%S+')
+  if domain then
+    redis.call('HSET', KEYS[12], 'a:' .. domain, now)
+  end
   redis.call('ZADD', KEYS[2], now + lease_ms, id)
   emit('task.started', now, {request_id = id, worker_id = worker, attempt = attempt})
   out[#out + 1] = id
@@ -96,9 +108,10 @@ if count > 0 and redis.call('EXISTS', GATES) == 1 then
         break
       end
       local f = redis.call('HMGET', PREFIX .. head, unpack(RECORD_FIELDS))
-      local wait = 0
+      local wait, blocker, slot = 0, nil, nil
       if f[1] and not expired(f[2]) then
-        wait = try_start(LIMITS, STATE, PAUSED, BREAKER, BREAKER_SETTINGS, split_keys(f[3]), now)
+        wait, blocker, slot = try_start(
+          LIMITS, STATE, PAUSED, BREAKER, BREAKER_SETTINGS, split_keys(f[3]), now)
       end
       if wait > 0 then
         redis.call('ZADD', GATES, wait, gate)
@@ -108,7 +121,7 @@ if count > 0 and redis.call('EXISTS', GATES) == 1 then
       count_up(KEYS[4], 'gated', -1)
       if f[1] then
         redis.call('HDEL', PREFIX .. head, 'gate')
-        start(head, f)
+        start(head, f, slot)
       end
       if claimed >= count then
         redis.call('ZADD', GATES, 'XX', now, gate)  -- still due: back of the line
@@ -122,7 +135,9 @@ if count > 0 and redis.call('EXISTS', GATES) == 1 then
 end
 
 -- 2. The main queue.
+-- Tasks that name a domain are also looked at when a cap or learned rates apply.
 local gating = redis.call('EXISTS', LIMITS, PAUSED) > 0
+local polite = redis.call('HGET', KEYS[13], 'active') == '1'
 local diverted = 0
 while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Redis long
   local wanted = count - claimed
@@ -134,16 +149,16 @@ while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Re
     local id = popped[i]
     local f = redis.call('HMGET', PREFIX .. id, unpack(RECORD_FIELDS))
     if f[1] then  -- else the record is gone (purged): nothing to run
-      local wait, blocker = 0, nil
-      if gating and f[3] and not expired(f[2]) then
-        wait, blocker = try_start(
+      local wait, blocker, slot = 0, nil, nil
+      if f[3] and (gating or (polite and is_domain(f[3]))) and not expired(f[2]) then
+        wait, blocker, slot = try_start(
           LIMITS, STATE, PAUSED, BREAKER, BREAKER_SETTINGS, split_keys(f[3]), now)
       end
       if wait > 0 then
         enter_gate(GATES, KEYS[4], gate_prefix, blocker, id, popped[i + 1], wait)
         diverted = diverted + 1
       else
-        start(id, f)
+        start(id, f, slot)
       end
     end
   end

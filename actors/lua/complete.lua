@@ -6,6 +6,10 @@
 -- KEYS[4] paused            hash rate key -> paused until (a successful breaker probe resumes)
 -- KEYS[5] breaker_settings  hash: failures (threshold)
 -- KEYS[6] gates             zset rate key -> next start (ms): a resumed key's gate is due now
+-- KEYS[7] domains           hash: per-domain politeness state (a completed task's slot
+--                           is given back; its domain's window and learned rate grow)
+-- KEYS[8] politeness        hash: the in-flight cap and adaptive settings
+-- KEYS[9] limits            hash rate key -> tasks/s (the ceiling of a learned rate)
 -- ARGV[5] worker id
 -- ARGV[6] result ttl in ms
 -- ARGV[7] number of results n, then n groups of 4:
@@ -17,6 +21,7 @@
 
 local worker, ttl_ms, n = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
+use_domains(KEYS[7], KEYS[8], KEYS[6])
 local breaker_open = redis.call('EXISTS', KEYS[3]) == 1
 local threshold = breaker_open and num(redis.call('HGET', KEYS[5], 'failures'), 0) or 0
 local resumed = false
@@ -27,6 +32,7 @@ for i = 1, n do
   local id, attempt = ARGV[base + 1], ARGV[base + 2]
   if holds_lease(id, worker, attempt) then
     redis.call('ZREM', KEYS[1], id)
+    free_slot(id, now, true, KEYS[9])
     if breaker_open then
       for _, key in ipairs(split_keys(redis.call('HGET', PREFIX .. id, 'rate_keys'))) do
         local failures = num(redis.call('HGET', KEYS[3], key), 0)

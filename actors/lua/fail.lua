@@ -7,6 +7,9 @@
 -- KEYS[5] breaker           hash rate key -> consecutive failures
 -- KEYS[6] paused            hash rate key -> paused until (ms)
 -- KEYS[7] breaker_settings  hash: failures (threshold), cooldown_ms
+-- KEYS[8] domains           hash: per-domain politeness state (the task's slot is given back)
+-- KEYS[9] politeness        hash: the in-flight cap and adaptive settings
+-- KEYS[10] gates            zset rate key -> next start (ms)
 -- ARGV[5]  worker id
 -- ARGV[6]  request id
 -- ARGV[7]  attempt (fencing token)
@@ -41,6 +44,8 @@ local key = PREFIX .. id
 local max_retries = max_retries_of(redis.call('HGET', key, 'max_retries'))
 add_history(id, attempt, err, worker, now)
 redis.call('ZREM', KEYS[1], id)
+use_domains(KEYS[8], KEYS[9], KEYS[10])
+free_slot(id, now, false, nil)
 
 local threshold = num(redis.call('HGET', KEYS[7], 'failures'), 0)
 if not permanent and threshold > 0 then

@@ -4,6 +4,9 @@
 -- KEYS[2] pending  zset id -> priority/FIFO score
 -- KEYS[3] dead     zset id -> time it was dead-lettered
 -- KEYS[4] stats    hash of monotonic counters
+-- KEYS[5] domains     hash: per-domain politeness state (a taken-back task's slot is given back)
+-- KEYS[6] politeness  hash: the in-flight cap and adaptive settings
+-- KEYS[7] gates       zset rate key -> next start (ms)
 -- ARGV[5] selector: "expired" (leases past their deadline, by the Redis
 --         clock) or "worker" (every lease of the worker named in ARGV[6],
 --         which its supervisor saw die: no need to wait for expiry)
@@ -16,6 +19,7 @@
 
 local selector, ttl_ms = ARGV[5], tonumber(ARGV[7])
 local now = now_ms()
+use_domains(KEYS[5], KEYS[6], KEYS[7])
 local ids = {}
 if selector == 'expired' then
   ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
@@ -33,6 +37,7 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   local f = redis.call('HMGET', key, 'status', 'attempt', 'max_retries', 'worker', 'score')
   if f[1] == 'running' then
+    free_slot(id, now, false, nil)
     local err = 'worker lost: lease of attempt ' .. tostring(f[2]) .. ' was not renewed'
     add_history(id, f[2], err, f[4] or '', now)
     if (tonumber(f[2]) or 0) > max_retries_of(f[3]) then
