@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from helpers import admin
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.models import ScrapingRequest
@@ -85,6 +86,40 @@ async def test_repairs_are_counted_and_a_damaged_counter_does_not_fail_the_scrap
     assert samples[("scrapeq_redis_up", ())] == 1
     assert samples[("scrapeq_tasks_repaired_total", ())] == 1
     assert samples[("scrapeq_tasks_total", (("outcome", "completed"),))] == 0
+
+
+async def domain_of(queue: RedisQueue, request_id: str) -> str:
+    """The domain rate key a task counts against."""
+    rate_keys = await admin(queue).hget(queue.keys.task(request_id), "rate_keys")
+    return (rate_keys or b"").decode().split()[0]
+
+
+async def test_domain_rates_and_throttles_are_exported_with_bounded_labels(
+    server: MetricsServer, queue: RedisQueue, settings: Settings
+) -> None:
+    await queue.store.set_limits(settings)
+    for host in [f"h{i}.test" for i in range(15)]:
+        await queue.enqueue_task(
+            ScrapingRequest(script_name="echo", parameters={"url": f"http://{host}/"})
+        )
+    for lease in (await queue.store.claim("w1", 15)).leases:
+        await queue.store.release(
+            "w1",
+            [(lease.request_id, lease.attempt)],
+            reason="rate_limited",
+            pause_key=await domain_of(queue, lease.request_id),
+            pause=0.5,
+        )
+
+    samples = await scrape(server.port)
+    rates = {
+        labels: value for (name, labels), value in samples.items() if name == "scrapeq_domain_rate"
+    }
+
+    assert len(rates) == 10  # 15 domains learned a rate; the label set stays bounded
+    assert set(rates.values()) == {settings.politeness.start_rate}
+    assert samples[("scrapeq_domain_throttled_total", (("reason", "rate_limited"),))] == 15
+    assert samples[("scrapeq_domain_throttled_total", (("reason", "unavailable"),))] == 0
 
 
 async def test_unreachable_redis_is_reported_as_down_not_as_a_failed_scrape(

@@ -1,0 +1,192 @@
+"""The politeness state in Redis, script by script (docs/rate-limits.md).
+
+The in-flight cap and its slots on every path out of ``running``, per-domain
+caps, slow start, the learned rate, Retry-After clamping, decay and
+forgetting, and what ``status`` and ``/metrics`` show of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers import admin, wait_for
+from test_store_scripts import derive
+
+from actors.models import ScrapingRequest
+from actors.queue import RedisQueue, TaskManager
+from actors.store import Completion, Lease
+from config.settings import Settings
+
+KEY = "domain:a.test"
+
+
+def on(host: str, n: int) -> list[ScrapingRequest]:
+    return [
+        ScrapingRequest(script_name="echo", parameters={"url": f"http://{host}/{i}"})
+        for i in range(n)
+    ]
+
+
+async def polite(queue: RedisQueue, settings: Settings, **politeness: Any) -> None:
+    """Publish ``[politeness]`` (and no rate limits) as ``supervisor start`` does."""
+    await queue.store.set_limits(derive(settings, politeness=politeness))
+
+
+async def state(queue: RedisQueue, field: str) -> float | None:
+    raw = await admin(queue).hget(queue.keys.domains, f"{field}:{KEY}")
+    return None if raw is None else float(raw)
+
+
+async def claim(queue: RedisQueue, n: int = 100, worker: str = "w1") -> list[Lease]:
+    return (await queue.store.claim(worker, n)).leases
+
+
+async def test_cap_holds_across_workers_and_other_domains_are_not_held_back(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    await polite(queue, settings, max_in_flight_per_domain=3, adaptive=False)
+    await queue.enqueue_many(on("a.test", 10))
+    # Slow start first: one, then a window that widens with each success.
+    first = await claim(queue)
+    assert len(first) == 1
+    await queue.store.complete("w1", [Completion(first[0].request_id, first[0].attempt, "1", 0.1)])
+    assert len(await claim(queue, worker="w2")) == 2
+    free = await queue.enqueue_many(on("b.test", 3))
+    later = await claim(queue, worker="w3")
+
+    assert {lease.request_id for lease in later} == set(free[:1])  # b.test's own slow start
+    assert await state(queue, "n") == 2
+
+
+async def test_a_domains_own_cap_overrides_the_default(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    await queue.store.set_limits(
+        derive(
+            settings,
+            rate_limits={KEY: 1000.0, "domain:b.test": 1000.0},  # known sites: no slow start
+            politeness={"max_in_flight_per_domain": 8, "in_flight": {KEY: 1}},
+        )
+    )
+    await queue.enqueue_many([*on("a.test", 5), *on("b.test", 10)])
+    leases = await claim(queue)
+    hosts = [
+        (await admin(queue).hget(queue.keys.task(lease.request_id), "rate_keys") or b"").split()[0]
+        for lease in leases
+    ]
+
+    assert hosts.count(KEY.encode()) == 1
+    assert hosts.count(b"domain:b.test") == 8
+
+
+@pytest.mark.parametrize("path", ["complete", "fail", "release", "lease expiry", "cancel"])
+async def test_every_path_out_of_running_gives_the_slot_back_once(
+    settings: Settings, queue: RedisQueue, manager: TaskManager, path: str
+) -> None:
+    await queue.store.set_limits(
+        derive(settings, rate_limits={KEY: 1000.0}, politeness={"max_in_flight_per_domain": 1})
+    )
+    ids = await queue.enqueue_many(on("a.test", 2))
+    (lease,) = await claim(queue)
+    assert await claim(queue, worker="w2") == []  # the cap holds the second
+    held = (lease.request_id, lease.attempt)
+    store = queue.store
+    if path == "complete":
+        await store.complete("w1", [Completion(*held, "1", 0.1)])
+        await store.complete("w1", [Completion(*held, "1", 0.1)])  # a retried report
+    elif path == "fail":
+        await store.fail("w1", *held, "boom", permanent=True)
+    elif path == "release":
+        await store.release("w1", [held], reason="drain")
+    elif path == "lease expiry":
+        await admin(queue).zadd(queue.keys.running, {lease.request_id: 0}, xx=True)
+        await store.requeue_expired()
+    else:
+        await queue.cancel_task(lease.request_id)
+
+    assert await state(queue, "n") is None  # no task of a.test holds a slot
+    (second,) = await claim(queue, worker="w2")
+    assert second.request_id in ids
+    assert await state(queue, "n") == 1
+
+
+async def test_429_halves_the_learned_rate_once_per_burst_and_clamps_retry_after(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    await polite(queue, settings, max_retry_after=2.0, start_rate=1.0)
+    await queue.enqueue_many(on("a.test", 3))
+    (lease,) = await claim(queue)
+    await queue.store.release(
+        "w1",
+        [(lease.request_id, lease.attempt)],
+        reason="rate_limited",
+        pause_key=KEY,
+        pause=1_000_000_000.0,
+    )
+    paused_for = (await TaskManager(queue).paused_keys())[KEY]
+    learned = await state(queue, "r")
+    domains = {d["domain"]: d for d in await TaskManager(queue).domains()}
+
+    assert 0 < paused_for <= 2.0  # clamped to max_retry_after
+    assert learned == 1.0  # a domain with no limit starts at start_rate
+    assert domains["a.test"]["throttled_last_minute"] == 1
+    assert domains["a.test"]["rate"] == 1.0
+    assert domains["a.test"]["paused_for"] > 0
+
+
+async def test_successes_raise_a_learned_rate_up_to_the_configured_ceiling(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    await queue.store.set_limits(derive(settings, rate_limits={KEY: 1.2}))
+    await admin(queue).hset(queue.keys.domains, mapping={f"r:{KEY}": 1.0, f"a:{KEY}": 1})
+    await queue.enqueue_many(on("a.test", 4))
+
+    await wait_for(lambda: _claim_and_complete(queue), 5, message="no first success")
+    assert await state(queue, "r") == pytest.approx(1.1)
+    # Now ceil(1.1) = 2 successes make the next step: 1.21 >= 1.2, the configured rate.
+    await wait_for(lambda: _claim_and_complete(queue), 5, message="no second success")
+    assert await state(queue, "r") == pytest.approx(1.1)
+    await wait_for(lambda: _claim_and_complete(queue), 5, message="no third success")
+    assert await state(queue, "r") is None
+
+
+async def _claim_and_complete(queue: RedisQueue) -> bool:
+    leases = await claim(queue, 1)
+    if not leases:
+        return False
+    await queue.store.complete("w1", [Completion(leases[0].request_id, leases[0].attempt, "1", 0)])
+    return True
+
+
+async def test_idle_domains_decay_then_are_forgotten_and_no_hash_keeps_them(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    await polite(queue, settings)
+    await queue.store.set_limits(derive(settings, rate_limits={KEY: 4.0}))
+    long_ago = 1
+    keys = queue.keys
+    seconds, _ = await admin(queue).time()
+    a_while_ago = int(seconds) * 1000 - 10_000
+    await admin(queue).hset(keys.domains, mapping={f"r:{KEY}": 1.0, f"a:{KEY}": a_while_ago})
+    await admin(queue).hset(
+        keys.domains, mapping={"a:domain:gone.test": long_ago, "w:domain:gone.test": 3}
+    )
+    await admin(queue).hset(keys.rate_state, mapping={"domain:gone.test": long_ago, KEY: long_ago})
+    await admin(queue).hset(keys.paused, "domain:gone.test", long_ago)
+    await admin(queue).hset(keys.breaker, "domain:gone.test", 2)
+
+    # Forgotten after an hour: gone.test (idle for decades) goes; a.test, idle
+    # for 10 s, decays: its learned 1.0 doubles once per idle period.
+    _, gone = await queue.store.prune_domains("0 0 0 0", 100, 0.001, 3600)
+    assert gone == 1
+    assert await state(queue, "r") == 2.0
+    # Forgotten after 1 ms: every trace of a.test goes too.
+    cursors, forgotten = await queue.store.prune_domains("0 0 0 0", 100, 0.001, 0.001)
+
+    assert forgotten == 1
+    assert await admin(queue).hgetall(keys.domains) == {}
+    assert await admin(queue).hgetall(keys.rate_state) == {}
+    assert await admin(queue).hgetall(keys.paused) == {}
+    assert await admin(queue).hgetall(keys.breaker) == {}
+    assert cursors == "0 0 0 0"
