@@ -53,6 +53,7 @@ def politeness_fields(politeness: PolitenessSettings) -> dict[str, str]:
     return {
         "active": "1" if active else "0",
         "cap": str(politeness.max_in_flight_per_domain),
+        "capped": "1" if caps else "0",
         **caps,
         "adaptive": "1" if politeness.adaptive else "0",
         "start_rate": repr(politeness.start_rate),

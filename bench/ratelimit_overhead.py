@@ -1,14 +1,18 @@
-"""What rate limits that are configured but never hit cost at dispatch.
+"""What rate limits and politeness that are configured but never hit cost at dispatch.
 
 Run ``python -m bench.ratelimit_overhead`` (``--tasks``, ``--repeats``,
 ``--claimers``). It starts a private redis-server without persistence and
-measures three set-ups in turn, A B C A B C ..., each on an emptied server:
+measures four set-ups in turn, A B C D A B C D ..., each on an emptied server:
 
 - ``none``: nothing published to Redis (no limits hash at all);
-- ``breaker``: what ``supervisor start`` publishes with an empty
-  ``[rate_limits]``: only the ``[circuit_breaker]`` settings;
-- ``limited``: ``"domain:x.test" = 1e6``, so every task passes through its
-  key's gate and the GCRA check, and never waits.
+- ``breaker``: an empty ``[rate_limits]`` and politeness off: only the
+  ``[circuit_breaker]`` settings;
+- ``limited``: ``"domain:x.test" = 1e6`` and politeness off, so every task
+  passes through its key's gate and the GCRA check, and never waits;
+- ``polite``: politeness on as by default (cap 8, adaptive, slow start),
+  tasks spread over 100 domains with no limit, so the claimers' 128 leases
+  rarely meet a cap: every task takes and gives back a slot, and each
+  domain's window starts at one.
 
 Each run enqueues ``--tasks`` echo tasks on ``http://x.test/`` (``enqueue_many``),
 then ``--claimers`` coroutines claim (64 at a time) and complete them at the
@@ -37,7 +41,13 @@ SETUPS: dict[str, dict[str, float] | None] = {
     "none": None,
     "breaker": {},
     "limited": {"domain:x.test": 1e6},
+    "polite": {},
 }
+#: Politeness per set-up (the others run with it off).
+POLITE = {"max_in_flight_per_domain": 8, "adaptive": True}
+OFF = {"max_in_flight_per_domain": 0, "adaptive": False}
+#: Domains the ``polite`` set-up spreads its tasks over.
+DOMAINS = 100
 #: Tasks one claim call leases (the worker's CLAIM_BATCH).
 CLAIM_BATCH = 64
 
@@ -76,11 +86,13 @@ async def measure(url: str, setup: str, tasks: int, claimers: int) -> Sample:
                 "throttle_at": tasks + 1,
             },
             "rate_limits": limits or {},
+            "politeness": POLITE if setup == "polite" else OFF,
         }
     )
+    hosts = [f"d{n % DOMAINS}.test" if setup == "polite" else "x.test" for n in range(tasks)]
     requests = [
-        ScrapingRequest(script_name="echo", parameters={"url": f"http://x.test/{n}"})
-        for n in range(tasks)
+        ScrapingRequest(script_name="echo", parameters={"url": f"http://{host}/{n}"})
+        for n, host in enumerate(hosts)
     ]
     async with RedisQueue(settings) as queue:
         await queue.connection.execute("FLUSHALL")
@@ -137,9 +149,11 @@ def print_table(samples: dict[str, list[Sample]]) -> None:
             f"{cpu:>13.1f} | {cpu / median('none', 'cpu_us_per_task'):>6.2f}"
         )
     overhead = median("none", "dispatch_per_s") / median("limited", "dispatch_per_s")
+    polite = median("none", "dispatch_per_s") / median("polite", "dispatch_per_s")
     print(
         f"(medians of {len(samples['none'])} runs each; limits never hit take "
-        f"{overhead:.2f}× the dispatch time per task of none)"
+        f"{overhead:.2f}×, politeness never reached {polite:.2f}× the dispatch time per "
+        "task of none)"
     )
 
 

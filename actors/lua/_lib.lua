@@ -187,8 +187,15 @@ end
 -- A started task that took a slot of K names K in its record's `slot` field;
 -- free_slot() gives it back, once, on every path out of `running`.
 local DOMAINS, POLICY, GATES_OF = nil, nil, nil
-local function use_domains(domains, policy, gates)
-  DOMAINS, POLICY, GATES_OF = domains, policy, gates
+-- The policy fields every call reads, fetched once per script call.
+local POLICY_FIELDS = {'cap', 'capped', 'adaptive', 'min_rate', 'start_rate', 'max_retry_after_ms'}
+local policy = {}
+local function use_domains(domains, policy_key, gates)
+  DOMAINS, POLICY, GATES_OF = domains, policy_key, gates
+  local values = redis.call('HMGET', policy_key, unpack(POLICY_FIELDS))
+  for i, field in ipairs(POLICY_FIELDS) do
+    policy[field] = values[i]
+  end
 end
 
 local function is_domain(key)
@@ -196,7 +203,14 @@ local function is_domain(key)
 end
 
 -- The configured rate of a key (its own entry, else default_domain), or nil.
+local limits_exist = {}  -- per script call: whether a limits hash exists at all
 local function configured_rate(limits, key)
+  if limits_exist[limits] == nil then
+    limits_exist[limits] = redis.call('EXISTS', limits) == 1
+  end
+  if not limits_exist[limits] then
+    return nil
+  end
   local rate = redis.call('HGET', limits, key)
   if not rate and is_domain(key) then
     rate = redis.call('HGET', limits, 'default_domain')
@@ -209,7 +223,7 @@ end
 -- lower (the configured rate is the ceiling of learning), or nil: unlimited.
 local function rate_of(limits, key)
   local rate = configured_rate(limits, key)
-  if DOMAINS and is_domain(key) and redis.call('HGET', POLICY, 'adaptive') == '1' then
+  if DOMAINS and policy.adaptive == '1' and is_domain(key) then
     local learned = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
     if learned and learned > 0 and (not rate or learned < rate) then
       rate = learned
@@ -219,12 +233,14 @@ local function rate_of(limits, key)
 end
 
 local function policy_num(field, default)
-  return num(redis.call('HGET', POLICY, field), default)
+  return num(policy[field], default)
 end
 
--- How many tasks of domain key K may run at once (0: no cap).
+-- How many tasks of domain key K may run at once (0: no cap). `capped` says
+-- some domain has a cap of its own (set_limits writes it).
 local function cap_of(key)
-  return num(redis.call('HGET', POLICY, 'cap:' .. key) or redis.call('HGET', POLICY, 'cap'), 0)
+  local own = policy.capped == '1' and redis.call('HGET', POLICY, 'cap:' .. key)
+  return num(own or policy.cap, 0)
 end
 
 -- A domain at its in-flight cap is looked at again this often, and at once
@@ -255,7 +271,14 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
       if until_ms > wait then wait, blocker = until_ms, key end
     else
       if until_ms > 0 then redis.call('HDEL', paused, key) end
-      local rate = rate_of(limits, key)
+      local configured = configured_rate(limits, key)
+      local rate = configured
+      if DOMAINS and policy.adaptive == '1' and is_domain(key) then
+        local learned = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
+        if learned and learned > 0 and (not rate or learned < rate) then
+          rate = learned
+        end
+      end
       if rate then
         local interval = 1000 / rate
         local tolerance = interval * (math.max(1, math.ceil(rate)) - 1)
@@ -271,7 +294,7 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
         if cap > 0 then
           -- A site with a configured limit is known: no slow start there.
           local room = cap
-          if not configured_rate(limits, key) then
+          if not configured then
             room = math.min(cap, num(redis.call('HGET', DOMAINS, 'w:' .. key), 1))
           end
           if num(redis.call('HGET', DOMAINS, 'n:' .. key), 0) >= room then
