@@ -72,7 +72,7 @@ class KeySpace:
         self.breaker = base + "rl:failures"  # hash: rate key -> consecutive failures
         self.breaker_settings = base + "rl:breaker"  # hash: failures, cooldown_ms
         # Politeness: per-domain in-flight slots, windows, learned rates (lua/_lib.lua).
-        self.domains = base + "rl:domains"  # hash: <kind>:<rate key> -> value
+        self.domains = base + "rl:domains"  # zset: domain key -> last seen (ms); see domain()
         self.politeness = base + "rl:polite"  # hash: cap, cap:<rate key>, adaptive, ...
         self.reaper_lock = base + "lock:reaper"
         self.governor_lock = base + "lock:governor"
@@ -82,6 +82,13 @@ class KeySpace:
 
     def task(self, request_id: str) -> str:
         return self.task_prefix + request_id
+
+    def domain(self, rate_key: str) -> str:
+        """The hash of one domain's politeness state (n, w, a, r, s, d, x; lua/_lib.lua).
+
+        The scripts build the same name: ``domains`` + ``":"`` + the rate key.
+        """
+        return f"{self.domains}:{rate_key}"
 
     def worker(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id

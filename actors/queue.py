@@ -428,16 +428,20 @@ class TaskManager:
         and ``paused_for`` (seconds, 0 = not paused).
         """
         keys = self.queue.keys
+        connection = self.queue.connection
         with translated_errors():
-            time, state, limits, paused, policy = await self.queue.connection.execute_many(
+            time, names, limits, paused, policy = await connection.execute_many(
                 ("TIME",),
-                ("HGETALL", keys.domains),
+                ("ZRANGE", keys.domains, 0, -1),
                 ("HGETALL", keys.limits),
                 ("HGETALL", keys.paused),
                 ("HGETALL", keys.politeness),
             )
+            fields = FIELDS_OF_DOMAIN
+            states = await connection.execute_many(
+                *(("HMGET", keys.domain(name.decode()), *fields) for name in names)
+            )
         now_ms = time_ms(time)
-        fields = {k.decode(): v.decode() for k, v in as_dict(state).items()}
         configured = {
             k.decode(): rate
             for k, v in as_dict(limits).items()
@@ -445,25 +449,24 @@ class TaskManager:
         }
         pauses = numbers(as_dict(paused))
         adaptive = as_dict(policy).get(b"adaptive") == b"1"
-        names = {field.split(":", 1)[1] for field in fields if ":" in field}
-        names |= {key.decode() for key in pauses if key.startswith(b"domain:")}
-        names |= {key for key in configured if key.startswith("domain:")}
         found: list[dict[str, Any]] = []
-        for key in names:
+        for name, values in zip(names, states, strict=True):
+            key = name.decode()
+            state = {f: v.decode() for f, v in zip(fields, values, strict=True) if v is not None}
             limit = configured.get(key, configured.get("default_domain"))
-            learned = _number(fields.get(f"r:{key}")) if adaptive else None
+            learned = _number(state.get("r")) if adaptive else None
             rate = min(r for r in (limit, learned) if r is not None) if limit or learned else None
-            recent = [_number(at) or 0 for at in fields.get(f"x:{key}", "").split()]
+            recent = [_number(at) or 0 for at in state.get("x", "").split()]
             found.append(
                 {
                     "domain": key.removeprefix("domain:"),
-                    "in_flight": int(_number(fields.get(f"n:{key}")) or 0),
+                    "in_flight": int(_number(state.get("n")) or 0),
                     "limit": limit,
                     "rate": rate,
                     "learned": learned,
-                    "window": _number(fields.get(f"w:{key}")),
+                    "window": _number(state.get("w")),
                     "throttled_last_minute": sum(1 for at in recent if at > now_ms - 60_000),
-                    "paused_for": max(0.0, (pauses.get(key.encode(), 0) - now_ms) / 1000),
+                    "paused_for": max(0.0, (pauses.get(name, 0) - now_ms) / 1000),
                 }
             )
         found.sort(
@@ -508,6 +511,10 @@ class TaskManager:
             return as_dict(
                 await self.queue.connection.execute("HGETALL", self.queue.keys.backpressure)
             )
+
+
+#: The fields of a domain's politeness hash that ``TaskManager.domains`` shows.
+FIELDS_OF_DOMAIN = ("n", "w", "r", "x")
 
 
 def _number(raw: str | None) -> float | None:

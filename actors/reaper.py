@@ -36,7 +36,7 @@ class Reaper(Actor):
     def __init__(self, actor_id: str, settings: Settings, parent_pid: int) -> None:
         super().__init__(actor_id, settings, parent_pid)
         self._sweep_cursor = 0  # where the sweep goes on (a SCAN cursor; 0: from the start)
-        self._domain_cursors = "0 0 0 0"  # where the walk over per-domain state goes on
+        self._domain_cursors = "0 0 0"  # where the walk over per-domain state goes on
         self._reachability = RedisReachability()
 
     async def run(self) -> None:

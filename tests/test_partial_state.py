@@ -336,7 +336,7 @@ async def test_claim_and_reports_with_damaged_politeness_state_lose_no_task(
     await queue.store.set_limits(settings)
     for _ in range(3):
         await queue.enqueue_task(request(parameters={"url": "https://a.test/"}))
-    await admin(queue).hset(queue.keys.domains, f"{field}:domain:a.test", "not a number")
+    await admin(queue).hset(queue.keys.domain("domain:a.test"), field, "not a number")
 
     claimed = (await queue.store.claim("w1", 3)).leases
     await queue.store.release(
@@ -349,4 +349,4 @@ async def test_claim_and_reports_with_damaged_politeness_state_lose_no_task(
 
     assert claimed
     assert await orphans(queue) == []
-    assert await queue.store.prune_domains("0 0 0 0", 100, 0.001, 0.001)
+    assert await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)

@@ -86,7 +86,7 @@ async def test_two_supervisors_learn_a_hidden_rate_and_spare_every_site(
         await completed(manager, [*hidden, *slow, *banned], 120)
         crawl = origin.of("hidden.test")
         crawl_took = max(h.arrived for h in crawl) - min(h.arrived for h in crawl)
-        learned = await admin(queue).hget(queue.keys.domains, "r:domain:hidden.test")
+        learned = await admin(queue).hget(queue.keys.domain("domain:hidden.test"), "r")
         workers = {
             (await admin(queue).hget(queue.keys.task(request_id), "worker") or b"").decode()
             for request_id in hidden

@@ -34,8 +34,14 @@ async def polite(queue: RedisQueue, settings: Settings, **politeness: Any) -> No
 
 
 async def state(queue: RedisQueue, field: str) -> float | None:
-    raw = await admin(queue).hget(queue.keys.domains, f"{field}:{KEY}")
+    raw = await admin(queue).hget(queue.keys.domain(KEY), field)
     return None if raw is None else float(raw)
+
+
+async def seed(queue: RedisQueue, key: str, seen_ms: int, **fields: float) -> None:
+    """A domain's politeness state as the scripts leave it: its hash and its index entry."""
+    await admin(queue).hset(queue.keys.domain(key), mapping={"a": seen_ms, **fields})
+    await admin(queue).zadd(queue.keys.domains, {key: seen_ms})
 
 
 async def claim(queue: RedisQueue, n: int = 100, worker: str = "w1") -> list[Lease]:
@@ -139,7 +145,7 @@ async def test_successes_raise_a_learned_rate_up_to_the_configured_ceiling(
     settings: Settings, queue: RedisQueue
 ) -> None:
     await queue.store.set_limits(derive(settings, rate_limits={KEY: 1.2}))
-    await admin(queue).hset(queue.keys.domains, mapping={f"r:{KEY}": 1.0, f"a:{KEY}": 1})
+    await seed(queue, KEY, 1, r=1.0)
     await queue.enqueue_many(on("a.test", 4))
 
     await wait_for(lambda: _claim_and_complete(queue), 5, message="no first success")
@@ -168,25 +174,24 @@ async def test_idle_domains_decay_then_are_forgotten_and_no_hash_keeps_them(
     keys = queue.keys
     seconds, _ = await admin(queue).time()
     a_while_ago = int(seconds) * 1000 - 10_000
-    await admin(queue).hset(keys.domains, mapping={f"r:{KEY}": 1.0, f"a:{KEY}": a_while_ago})
-    await admin(queue).hset(
-        keys.domains, mapping={"a:domain:gone.test": long_ago, "w:domain:gone.test": 3}
-    )
+    await seed(queue, KEY, a_while_ago, r=1.0)
+    await seed(queue, "domain:gone.test", long_ago, w=3)
     await admin(queue).hset(keys.rate_state, mapping={"domain:gone.test": long_ago, KEY: long_ago})
     await admin(queue).hset(keys.paused, "domain:gone.test", long_ago)
     await admin(queue).hset(keys.breaker, "domain:gone.test", 2)
 
     # Forgotten after an hour: gone.test (idle for decades) goes; a.test, idle
     # for 10 s, decays: its learned 1.0 doubles once per idle period.
-    _, gone = await queue.store.prune_domains("0 0 0 0", 100, 0.001, 3600)
+    _, gone = await queue.store.prune_domains("0 0 0", 100, 0.001, 3600)
     assert gone == 1
     assert await state(queue, "r") == 2.0
     # Forgotten after 1 ms: every trace of a.test goes too.
-    cursors, forgotten = await queue.store.prune_domains("0 0 0 0", 100, 0.001, 0.001)
+    cursors, forgotten = await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)
 
     assert forgotten == 1
-    assert await admin(queue).hgetall(keys.domains) == {}
+    assert await admin(queue).zcard(keys.domains) == 0
+    assert await admin(queue).exists(keys.domain(KEY), keys.domain("domain:gone.test")) == 0
     assert await admin(queue).hgetall(keys.rate_state) == {}
     assert await admin(queue).hgetall(keys.paused) == {}
     assert await admin(queue).hgetall(keys.breaker) == {}
-    assert cursors == "0 0 0 0"
+    assert cursors == "0 0 0"

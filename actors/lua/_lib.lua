@@ -168,22 +168,28 @@ end
 
 -- Politeness (docs/rate-limits.md). The scripts that start or end tasks name
 -- three more keys and hand them to use_domains() first:
---   domains  hash, per domain rate key K:
---     n:K  tasks of K running now, on every host (the in-flight cap counts these)
---     w:K  K's concurrency window, for a domain with no configured limit: 1
---          for one not seen before (slow start), +1 per success up to the
---          cap, halved when K answers 429/503
---     a:K  when a task of K last started or was throttled (ms): idle domains
---          decay, then are forgotten (prune_domains.lua)
---     r:K  the rate learned for K (tasks/s) once it answered 429/503
---     s:K  successes since r:K last changed
---     d:K  when r:K last decayed (ms)
---     x:K  the last 429/503 answers of K (ms, space separated, at most 16)
+--   domains  zset: domain rate key K -> when a task of K last started or K was
+--            throttled (ms, kept to the second): the index the reaper walks to
+--            decay and forget idle domains (prune_domains.lua)
 --   policy   hash: active (1: a cap or adaptive applies, so claim looks at
 --            every task that names a domain), cap (tasks of one domain
---            running at once, 0 = none), cap:K (K's own cap), adaptive (1/0),
---            start_rate, min_rate, max_retry_after_ms
+--            running at once, 0 = none), capped (1: some domain has its own),
+--            cap:K (K's own cap), adaptive (1/0), start_rate, min_rate,
+--            max_retry_after_ms
 --   gates    the gates zset: a slot given back makes K's gate due at once
+-- Each domain has a small hash of its own, domains .. ':' .. K (KeySpace.domain):
+--     n  tasks of K running now, on every host (the in-flight cap counts these)
+--     w  K's concurrency window, for a domain with no configured limit: 1 for
+--        one not seen before (slow start), +1 per success up to the cap,
+--        halved when K answers 429/503
+--     a  when K was last seen (ms; the index's score)
+--     r  the rate learned for K (tasks/s) once it answered 429/503
+--     s  successes since r last changed
+--     d  when r last decayed (ms)
+--     x  the last 429/503 answers of K (ms, space separated, at most 16)
+-- One small hash per domain, not one hash of every domain's fields: a hash
+-- of hundreds of fields that stays a listpack (hash-max-listpack-entries 512)
+-- made each write rewrite kilobytes (measured: 3x Redis time per task).
 -- A started task that took a slot of K names K in its record's `slot` field;
 -- free_slot() gives it back, once, on every path out of `running`.
 local DOMAINS, POLICY, GATES_OF = nil, nil, nil
@@ -198,17 +204,42 @@ local function use_domains(domains, policy_key, gates)
   end
 end
 
+-- The hash of domain key K's state.
+local function domain_hash(key)
+  return DOMAINS .. ':' .. key
+end
+
+-- A domain's last-seen time is written at most this often (the index is for
+-- idle periods of a minute and more).
+local SEEN_EVERY_MS = 1000
+
+-- Record that domain key K was seen now; `seen` is its stored `a`.
+local function touch(key, seen, now)
+  if now - num(seen, 0) >= SEEN_EVERY_MS then
+    redis.call('HSET', domain_hash(key), 'a', now)
+    redis.call('ZADD', DOMAINS, now, key)
+  end
+end
+
 local function is_domain(key)
   return string.sub(key, 1, 7) == 'domain:'
 end
 
--- The configured rate of a key (its own entry, else default_domain), or nil.
-local limits_exist = {}  -- per script call: whether a limits hash exists at all
-local function configured_rate(limits, key)
-  if limits_exist[limits] == nil then
-    limits_exist[limits] = redis.call('EXISTS', limits) == 1
+-- Whether a rate-limit hash (limits, paused, breaker) exists, asked once per
+-- script call: most deployments have no limits and nothing paused, and a
+-- task then costs no lookups in them. A script that writes one of them marks
+-- it (exists[key] = true).
+local exists = {}
+local function exists_now(key)
+  if exists[key] == nil then
+    exists[key] = redis.call('EXISTS', key) == 1
   end
-  if not limits_exist[limits] then
+  return exists[key]
+end
+
+-- The configured rate of a key (its own entry, else default_domain), or nil.
+local function configured_rate(limits, key)
+  if not exists_now(limits) then
     return nil
   end
   local rate = redis.call('HGET', limits, key)
@@ -219,17 +250,18 @@ local function configured_rate(limits, key)
   return rate and rate > 0 and rate or nil  -- a damaged rate limits nothing
 end
 
--- The rate a key runs at now: the configured one, or the learned one where
--- lower (the configured rate is the ceiling of learning), or nil: unlimited.
-local function rate_of(limits, key)
-  local rate = configured_rate(limits, key)
-  if DOMAINS and policy.adaptive == '1' and is_domain(key) then
-    local learned = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
-    if learned and learned > 0 and (not rate or learned < rate) then
-      rate = learned
-    end
+-- The rate a key runs at now: the configured one, or `learned` (the
+-- domain's stored `r`, if any) where lower and adaptive is on (the configured
+-- rate is the ceiling of learning), or nil: unlimited. Also returns the
+-- configured rate.
+local function rate_of(limits, key, learned)
+  local configured = configured_rate(limits, key)
+  local rate = configured
+  learned = policy.adaptive == '1' and tonumber(learned)
+  if learned and learned > 0 and (not rate or learned < rate) then
+    rate = learned
   end
-  return rate
+  return rate, configured
 end
 
 local function policy_num(field, default)
@@ -264,21 +296,20 @@ end
 -- circuit breaker's `failures` threshold and `cooldown_ms`.
 local function try_start(limits, state, paused, breaker, breaker_settings, keys, now)
   local wait, blocker, slot = 0, nil, nil
-  local plans = {}
+  local plans, seen = {}, {}
   for _, key in ipairs(keys) do
-    local until_ms = num(redis.call('HGET', paused, key), 0)
+    local until_ms = exists_now(paused) and num(redis.call('HGET', paused, key), 0) or 0
     if until_ms > now then
       if until_ms > wait then wait, blocker = until_ms, key end
     else
       if until_ms > 0 then redis.call('HDEL', paused, key) end
-      local configured = configured_rate(limits, key)
-      local rate = configured
-      if DOMAINS and policy.adaptive == '1' and is_domain(key) then
-        local learned = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
-        if learned and learned > 0 and (not rate or learned < rate) then
-          rate = learned
-        end
+      -- A domain's state in one read: in flight, window, learned rate, seen.
+      local d = {}
+      if DOMAINS and is_domain(key) then
+        d = redis.call('HMGET', domain_hash(key), 'n', 'w', 'r', 'a')
+        seen[#seen + 1] = {key, d[4]}
       end
+      local rate, configured = rate_of(limits, key, d[3])
       if rate then
         local interval = 1000 / rate
         local tolerance = interval * (math.max(1, math.ceil(rate)) - 1)
@@ -293,11 +324,8 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
         local cap = cap_of(key)
         if cap > 0 then
           -- A site with a configured limit is known: no slow start there.
-          local room = cap
-          if not configured then
-            room = math.min(cap, num(redis.call('HGET', DOMAINS, 'w:' .. key), 1))
-          end
-          if num(redis.call('HGET', DOMAINS, 'n:' .. key), 0) >= room then
+          local room = configured and cap or math.min(cap, num(d[2], 1))
+          if num(d[1], 0) >= room then
             if now + CAP_RECHECK_MS > wait then wait, blocker = now + CAP_RECHECK_MS, key end
           else
             slot = key
@@ -313,43 +341,49 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
     redis.call('HSET', state, plan[1], plan[2])
   end
   if slot then
-    count_up(DOMAINS, 'n:' .. slot, 1)
+    count_up(domain_hash(slot), 'n', 1)
+  end
+  for _, domain in ipairs(seen) do
+    touch(domain[1], domain[2], now)
   end
   -- A key whose breaker is open lets this one task through as its probe and
   -- stays paused until the probe reports (success resumes it, failure re-opens).
-  local threshold = num(redis.call('HGET', breaker_settings, 'failures'), 0)
-  if threshold > 0 then
+  if exists_now(breaker) then
+    local threshold = num(redis.call('HGET', breaker_settings, 'failures'), 0)
     for _, key in ipairs(keys) do
-      if num(redis.call('HGET', breaker, key), 0) >= threshold then
+      if threshold > 0 and num(redis.call('HGET', breaker, key), 0) >= threshold then
         local cooldown = num(redis.call('HGET', breaker_settings, 'cooldown_ms'), 30000)
         redis.call('HSET', paused, key, now + cooldown)
+        exists[paused] = true
       end
     end
   end
   return 0, nil, slot
 end
 
--- After a success of domain key K whose rate was learned: one more success
+-- After a success of domain key K whose rate was learned (`learned`, its
+-- stored `r`; nil: nothing to learn): one more success
 -- in the run; after about a second's worth (ceil(rate) successes) the rate
 -- rises by a tenth (at least min_rate). Back at the configured ceiling (or
 -- past 1000/s with none) the learned rate is dropped: the site showed no limit.
 local MAX_LEARNED_RATE = 1000
-local function learn_success(limits, key, now)
-  local learned = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
+local function learn_success(limits, key, learned, now)
+  learned = tonumber(learned)
   if not learned then
     return
   end
-  local run = num(redis.pcall('HINCRBY', DOMAINS, 's:' .. key, 1), 1)
+  local hash = domain_hash(key)
+  local run = num(redis.pcall('HINCRBY', hash, 's', 1), 1)
   if run < math.max(1, math.ceil(learned)) then
     return
   end
   local ceiling = configured_rate(limits, key) or MAX_LEARNED_RATE
   local rate = learned + math.max(learned / 10, policy_num('min_rate', 0.05))
   if rate >= ceiling then
-    redis.call('HDEL', DOMAINS, 'r:' .. key, 's:' .. key, 'd:' .. key)
+    redis.call('HDEL', hash, 'r', 's', 'd')
     emit('rate.adjusted', now, {key = key, rate = configured_rate(limits, key), reason = 'restored'})
   else
-    redis.call('HSET', DOMAINS, 'r:' .. key, rate, 's:' .. key, 0)
+    redis.call('HSET', hash, 'r', rate, 's', 0)
     emit('rate.adjusted', now, {key = key, rate = rate, reason = 'increased'})
   end
 end
@@ -368,20 +402,22 @@ local function free_slot(id, now, success, limits)
     return
   end
   redis.call('HDEL', PREFIX .. id, 'slot')
-  local left = redis.pcall('HINCRBY', DOMAINS, 'n:' .. key, -1)
+  local hash = domain_hash(key)
+  local left = redis.pcall('HINCRBY', hash, 'n', -1)
   if type(left) ~= 'number' or left <= 0 then
-    redis.call('HDEL', DOMAINS, 'n:' .. key)
+    redis.call('HDEL', hash, 'n')
   end
   if success then
-    local window = num(redis.call('HGET', DOMAINS, 'w:' .. key), 1)
+    local d = redis.call('HMGET', hash, 'w', 'r')
+    local window = num(d[1], 1)
     if window < cap_of(key) then
-      redis.call('HSET', DOMAINS, 'w:' .. key, window + 1)
+      redis.call('HSET', hash, 'w', window + 1)
     end
     if limits then
-      learn_success(limits, key, now)
+      learn_success(limits, key, d[2], now)
     end
   end
-  local due = redis.call('ZSCORE', GATES_OF, key)
+  local due = exists_now(GATES_OF) and redis.call('ZSCORE', GATES_OF, key)
   if due and num(due, 0) > now then
     redis.call('ZADD', GATES_OF, 'XX', now, key)
     if not slot_woken then
@@ -396,34 +432,36 @@ end
 -- learned rate, else the configured one, else to start_rate), never below
 -- min_rate. The pause ends with one probe, then the new pace, not a burst:
 -- K's GCRA state is set so that the pause's end admits one task.
--- Records the answer (x:K) for status. Returns the new rate, or nil.
+-- Records the answer (x) for status. Returns the new rate, or nil.
 local THROTTLE_ROUND_MS = 1000
 local function learn_throttle(limits, state, key, now, until_ms, reason)
-  local recent = split_keys(redis.call('HGET', DOMAINS, 'x:' .. key))
+  local hash = domain_hash(key)
+  local recent = split_keys(redis.call('HGET', hash, 'x'))
   local previous = num(recent[#recent], 0)
   recent[#recent + 1] = tostring(now)
   while #recent > 16 do
     table.remove(recent, 1)
   end
-  redis.call('HSET', DOMAINS, 'x:' .. key, table.concat(recent, ' '), 'a:' .. key, now)
+  redis.call('HSET', hash, 'x', table.concat(recent, ' '), 'a', now)
+  redis.call('ZADD', DOMAINS, now, key)
   -- Answers to requests sent together (up to the window) arrive together:
   -- like TCP's one decrease per round trip, they count as one signal.
   if now - previous < THROTTLE_ROUND_MS then
     return nil
   end
   if cap_of(key) > 0 then
-    local window = num(redis.call('HGET', DOMAINS, 'w:' .. key), 1)
-    redis.call('HSET', DOMAINS, 'w:' .. key, math.max(1, math.floor(window / 2)))
+    local window = num(redis.call('HGET', hash, 'w'), 1)
+    redis.call('HSET', hash, 'w', math.max(1, math.floor(window / 2)))
   end
   if policy_num('adaptive', 0) ~= 1 then
     return nil
   end
-  local current = tonumber(redis.call('HGET', DOMAINS, 'r:' .. key))
+  local current = tonumber(redis.call('HGET', hash, 'r'))
     or configured_rate(limits, key)
   local floor = policy_num('min_rate', 0.05)
   local rate = current and math.max(floor, current / 2) or math.max(floor, policy_num('start_rate', 1))
-  redis.call('HSET', DOMAINS, 'r:' .. key, rate, 's:' .. key, 0)
-  redis.call('HDEL', DOMAINS, 'd:' .. key)
+  redis.call('HSET', hash, 'r', rate, 's', 0)
+  redis.call('HDEL', hash, 'd')
   local interval = 1000 / rate
   redis.call('HSET', state, key, until_ms + interval * (math.max(1, math.ceil(rate)) - 1))
   emit('rate.adjusted', now, {key = key, rate = rate, reason = reason})
@@ -436,5 +474,6 @@ local function enter_gate(gates, stats, gate_prefix, key, id, score, ready_at)
   redis.call('ZADD', gate_prefix .. key, score, id)
   redis.call('HSET', PREFIX .. id, 'gate', key)
   redis.call('ZADD', gates, 'NX', ready_at, key)
+  exists[gates] = true
   count_up(stats, 'gated', 1)
 end

@@ -4,7 +4,7 @@
 -- KEYS[2] delayed  zset
 -- KEYS[3] running  zset
 -- KEYS[4] stats    hash of monotonic counters
--- KEYS[5] domains     hash: per-domain politeness state (a running task's slot is given back)
+-- KEYS[5] domains     politeness: per-domain hashes beside this index (a running task's slot is given back)
 -- KEYS[6] politeness  hash: the in-flight cap and adaptive settings
 -- KEYS[7] gates       zset rate key -> next start (ms)
 -- ARGV[5] request id

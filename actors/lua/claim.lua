@@ -12,7 +12,7 @@
 -- KEYS[9]  gates             zset rate key -> when its next task may start (ms)
 -- KEYS[10] breaker_settings  hash: failures (threshold), cooldown_ms
 -- KEYS[11] dead              zset id -> time dead-lettered (a damaged record goes there)
--- KEYS[12] domains           hash: per-domain politeness state (see _lib.lua)
+-- KEYS[12] domains           zset: politeness index; per-domain hashes beside it (_lib.lua)
 -- KEYS[13] politeness        hash: the in-flight cap and adaptive settings
 -- ARGV[5]  worker id
 -- ARGV[6]  count: tasks to claim
@@ -80,14 +80,12 @@ local function start(id, f, slot)
     return
   end
   local attempt = previous + 1
-  redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
-    'started_at', now)
   if slot then
-    redis.call('HSET', key, 'slot', slot)
-  end
-  local domain = f[3] and string.match(f[3], '^domain:%S+')
-  if domain then
-    redis.call('HSET', KEYS[12], 'a:' .. domain, now)
+    redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
+      'started_at', now, 'slot', slot)
+  else
+    redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
+      'started_at', now)
   end
   redis.call('ZADD', KEYS[2], now + lease_ms, id)
   emit('task.started', now, {request_id = id, worker_id = worker, attempt = attempt})

@@ -6,7 +6,7 @@
 -- KEYS[4] paused            hash rate key -> paused until (a successful breaker probe resumes)
 -- KEYS[5] breaker_settings  hash: failures (threshold)
 -- KEYS[6] gates             zset rate key -> next start (ms): a resumed key's gate is due now
--- KEYS[7] domains           hash: per-domain politeness state (a completed task's slot
+-- KEYS[7] domains           politeness: per-domain hashes beside this index (a completed task's slot
 --                           is given back; its domain's window and learned rate grow)
 -- KEYS[8] politeness        hash: the in-flight cap and adaptive settings
 -- KEYS[9] limits            hash rate key -> tasks/s (the ceiling of a learned rate)

@@ -7,7 +7,7 @@
 -- KEYS[5] breaker           hash rate key -> consecutive failures
 -- KEYS[6] paused            hash rate key -> paused until (ms)
 -- KEYS[7] breaker_settings  hash: failures (threshold), cooldown_ms
--- KEYS[8] domains           hash: per-domain politeness state (the task's slot is given back)
+-- KEYS[8] domains           politeness: per-domain hashes beside this index (the task's slot is given back)
 -- KEYS[9] politeness        hash: the in-flight cap and adaptive settings
 -- KEYS[10] gates            zset rate key -> next start (ms)
 -- ARGV[5]  worker id

@@ -1,16 +1,18 @@
 -- prune_domains: one step of the reaper's walk over per-domain state. The
 -- learned rate of an idle domain decays toward its configured rate (doubling
 -- once per idle period, dropped at the ceiling), and every trace of a domain
--- not seen for a long time is dropped, so no hash keyed by rate key grows
--- with every host ever scraped.
+-- not seen for a long time is dropped, so no key or hash field stays for
+-- every host ever scraped.
 --
--- KEYS[1] domains     hash: per-domain politeness state (see _lib.lua)
+-- KEYS[1] domains     zset domain rate key -> last seen (ms); each domain's hash
+--                     is domains .. ':' .. key (see _lib.lua)
 -- KEYS[2] rate_state  hash rate key -> GCRA state (ms; one in the past limits nothing)
 -- KEYS[3] paused      hash rate key -> paused until (ms; one in the past pauses nothing)
 -- KEYS[4] breaker     hash rate key -> consecutive failures
 -- KEYS[5] limits      hash rate key -> tasks/s (the ceiling of a learned rate)
--- ARGV[5] four HSCAN cursors, space separated: domains, rate_state, paused, breaker
--- ARGV[6] fields each HSCAN step looks at
+-- ARGV[5] three cursors, space separated: the offset of the decay walk in the
+--         idle part of the index, then HSCAN cursors of rate_state and paused
+-- ARGV[6] domains or fields each step looks at
 -- ARGV[7] idle period (ms): a learned rate doubles after each one without a start
 -- ARGV[8] a domain idle this long (ms) is forgotten
 --
@@ -18,65 +20,60 @@
 
 local cursors = split_keys(ARGV[5])
 local count, decay_ms, forget_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local DOMAINS_KEY, STATE, PAUSED, BREAKER, LIMITS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local INDEX, STATE, PAUSED, BREAKER, LIMITS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now = now_ms()
+
+local function hash_of(key)
+  return INDEX .. ':' .. key
+end
+
+-- 1. Forget domains idle for forget_ms (none of their tasks running).
 local forgotten = 0
-
--- When domain key K was last seen (0: never, or long forgotten).
-local function seen(key)
-  return num(redis.call('HGET', DOMAINS_KEY, 'a:' .. key), 0)
-end
-
-local function step(hash, cursor, visit)
-  local reply = redis.call('HSCAN', hash, cursor, 'COUNT', count)
-  local fields = reply[2]
-  for i = 1, #fields, 2 do
-    visit(fields[i], fields[i + 1])
-  end
-  return reply[1]
-end
-
-local out = {}
-out[1] = step(DOMAINS_KEY, cursors[1] or '0', function(field, value)
-  local kind, key = string.match(field, '^(%a):(.+)$')
-  if not key or redis.call('HEXISTS', DOMAINS_KEY, 'n:' .. key) == 1 then
-    return  -- running now: neither idle nor gone
-  end
-  if kind == 'a' and now - num(value, 0) > forget_ms then
-    redis.call('HDEL', DOMAINS_KEY, 'a:' .. key, 'w:' .. key, 'r:' .. key, 's:' .. key,
-      'd:' .. key, 'x:' .. key)
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', INDEX, '-inf', now - forget_ms, 'LIMIT', 0, count)) do
+  if num(redis.call('HGET', hash_of(key), 'n'), 0) > 0 then
+    redis.call('ZADD', INDEX, now, key)  -- running now: not idle
+  else
+    redis.call('DEL', hash_of(key))
+    redis.call('ZREM', INDEX, key)
     redis.call('HDEL', STATE, key)
     redis.call('HDEL', BREAKER, key)
     forgotten = forgotten + 1
-  elseif kind == 'r' and now - seen(key) > decay_ms
-      and now - num(redis.call('HGET', DOMAINS_KEY, 'd:' .. key), 0) > decay_ms then
+  end
+end
+
+-- 2. Decay the learned rates of domains idle for decay_ms, a slice at a time.
+local offset = num(cursors[1], 0)
+local idle = redis.call('ZRANGEBYSCORE', INDEX, '-inf', now - decay_ms, 'LIMIT', offset, count)
+for _, key in ipairs(idle) do
+  local hash = hash_of(key)
+  local d = redis.call('HMGET', hash, 'r', 'd', 'n')
+  local learned = tonumber(d[1])
+  if learned and num(d[3], 0) == 0 and now - num(d[2], 0) > decay_ms then
     local ceiling = tonumber(redis.call('HGET', LIMITS, key))
       or tonumber(redis.call('HGET', LIMITS, 'default_domain'))
-    local rate = num(value, 0) * 2
+    local rate = learned * 2
     if rate >= (ceiling or 1000) then
-      redis.call('HDEL', DOMAINS_KEY, 'r:' .. key, 's:' .. key, 'd:' .. key)
+      redis.call('HDEL', hash, 'r', 's', 'd')
       emit('rate.adjusted', now, {key = key, rate = ceiling, reason = 'restored'})
     else
-      redis.call('HSET', DOMAINS_KEY, 'r:' .. key, rate, 'd:' .. key, now)
+      redis.call('HSET', hash, 'r', rate, 'd', now)
       emit('rate.adjusted', now, {key = key, rate = rate, reason = 'decayed'})
     end
-  elseif kind ~= 'a' and seen(key) == 0 then
-    redis.call('HDEL', DOMAINS_KEY, field)  -- a stray field of a forgotten domain
   end
-end)
-out[2] = step(STATE, cursors[2] or '0', function(key, value)
-  if num(value, 0) < now - forget_ms then
-    redis.call('HDEL', STATE, key)
+end
+offset = #idle < count and 0 or offset + #idle
+
+-- 3. Old GCRA states and expired pauses, of any key.
+local function step(hash, cursor, stale)
+  local reply = redis.call('HSCAN', hash, cursor, 'COUNT', count)
+  local fields = reply[2]
+  for i = 1, #fields, 2 do
+    if stale(num(fields[i + 1], 0)) then
+      redis.call('HDEL', hash, fields[i])
+    end
   end
-end)
-out[3] = step(PAUSED, cursors[3] or '0', function(key, value)
-  if num(value, 0) < now then
-    redis.call('HDEL', PAUSED, key)
-  end
-end)
-out[4] = step(BREAKER, cursors[4] or '0', function(key)
-  if is_domain(key) and now - seen(key) > forget_ms then
-    redis.call('HDEL', BREAKER, key)
-  end
-end)
-return {table.concat(out, ' '), forgotten}
+  return reply[1]
+end
+local tat = step(STATE, cursors[2] or '0', function(value) return value < now - forget_ms end)
+local pauses = step(PAUSED, cursors[3] or '0', function(value) return value < now end)
+return {table.concat({offset, tat, pauses}, ' '), forgotten}

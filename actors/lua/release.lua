@@ -6,7 +6,7 @@
 -- KEYS[3] delayed  zset id -> due time
 -- KEYS[4] stats    hash of monotonic counters
 -- KEYS[5] paused   hash rate key -> paused until (ms)
--- KEYS[6] domains     hash: per-domain politeness state (slots given back; a 429/503
+-- KEYS[6] domains     politeness: per-domain hashes beside this index (slots given back; a 429/503
 --                     halves the domain's window and, adaptive, its learned rate)
 -- KEYS[7] politeness  hash: the in-flight cap and adaptive settings
 -- KEYS[8] gates       zset rate key -> next start (ms)

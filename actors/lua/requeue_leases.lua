@@ -4,7 +4,7 @@
 -- KEYS[2] pending  zset id -> priority/FIFO score
 -- KEYS[3] dead     zset id -> time it was dead-lettered
 -- KEYS[4] stats    hash of monotonic counters
--- KEYS[5] domains     hash: per-domain politeness state (a taken-back task's slot is given back)
+-- KEYS[5] domains     politeness: per-domain hashes beside this index (a taken-back task's slot is given back)
 -- KEYS[6] politeness  hash: the in-flight cap and adaptive settings
 -- KEYS[7] gates       zset rate key -> next start (ms)
 -- ARGV[5] selector: "expired" (leases past their deadline, by the Redis
