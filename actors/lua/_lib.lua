@@ -144,10 +144,11 @@ end
 
 -- The fencing check: a report counts only from the worker that holds the
 -- task's current attempt. A worker whose lease expired and was taken over
--- (or whose task was cancelled) is refused.
+-- (or whose task was cancelled) is refused. Also returns the record's
+-- `slot` (the domain slot it holds, for free_slot), read in the same call.
 local function holds_lease(id, worker, attempt)
-  local f = redis.call('HMGET', PREFIX .. id, 'status', 'worker', 'attempt')
-  return f[1] == 'running' and f[2] == worker and f[3] == attempt
+  local f = redis.call('HMGET', PREFIX .. id, 'status', 'worker', 'attempt', 'slot')
+  return f[1] == 'running' and f[2] == worker and f[3] == attempt, f[4]
 end
 
 -- Rate limits -----------------------------------------------------------------
@@ -190,8 +191,9 @@ end
 -- One small hash per domain, not one hash of every domain's fields: a hash
 -- of hundreds of fields that stays a listpack (hash-max-listpack-entries 512)
 -- made each write rewrite kilobytes (measured: 3x Redis time per task).
--- A started task that took a slot of K names K in its record's `slot` field;
--- free_slot() gives it back, once, on every path out of `running`.
+-- A started task names the domain K whose slot it took in its record's `slot`
+-- field ('' = none); free_slot() gives it back, once, on every path out of
+-- `running`.
 local DOMAINS, POLICY, GATES_OF = nil, nil, nil
 -- The policy fields every call reads, fetched once per script call.
 local POLICY_FIELDS = {'cap', 'capped', 'adaptive', 'min_rate', 'start_rate', 'max_retry_after_ms'}
@@ -388,24 +390,21 @@ local function learn_success(limits, key, learned, now)
   end
 end
 
--- Give back the domain slot task `id` holds, if any (once: the field goes).
+-- Give back the domain slot a task holds (`key`: its record's `slot`; nil or
+-- '' = none). Called once per attempt, by the script that moves the task out
+-- of `running` (each checks that it is running).
 -- `success`: the task completed, so its domain's window and learned rate grow.
 -- A task of the domain waiting at its gate may start at once: the gate is
 -- made due and the workers are woken (once per script call).
 local slot_woken = false
-local function free_slot(id, now, success, limits)
-  if not DOMAINS then
+local function free_slot(key, now, success, limits)
+  if not DOMAINS or not key or key == '' then
     return
   end
-  local key = redis.call('HGET', PREFIX .. id, 'slot')
-  if not key then
-    return
-  end
-  redis.call('HDEL', PREFIX .. id, 'slot')
   local hash = domain_hash(key)
   local left = redis.pcall('HINCRBY', hash, 'n', -1)
-  if type(left) ~= 'number' or left <= 0 then
-    redis.call('HDEL', hash, 'n')
+  if type(left) ~= 'number' or left < 0 then
+    redis.call('HSET', hash, 'n', 0)  -- damaged from outside: start again
   end
   if success then
     local d = redis.call('HMGET', hash, 'w', 'r')

@@ -29,8 +29,10 @@ if ARGV[9] ~= '' and not holds_lease(id, ARGV[9], ARGV[10]) then
   return 0
 end
 local now = now_ms()
-use_domains(KEYS[5], KEYS[6], KEYS[7])
-free_slot(id, now, false, nil)
+if status == 'running' then
+  use_domains(KEYS[5], KEYS[6], KEYS[7])
+  free_slot(redis.call('HGET', PREFIX .. id, 'slot'), now, false, nil)
+end
 redis.call('ZREM', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[3], id)

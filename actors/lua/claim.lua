@@ -80,9 +80,12 @@ local function start(id, f, slot)
     return
   end
   local attempt = previous + 1
-  if slot then
+  -- A task that names a domain has `slot` written on every start ('' = none),
+  -- so a slot an earlier attempt took is never given back twice (free_slot
+  -- runs once per attempt, on its way out of `running`).
+  if slot or is_domain(f[3] or '') then
     redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
-      'started_at', now, 'slot', slot)
+      'started_at', now, 'slot', slot or '')
   else
     redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
       'started_at', now)

@@ -30,9 +30,10 @@ local done = 0
 for i = 1, n do
   local base = 7 + (i - 1) * 4
   local id, attempt = ARGV[base + 1], ARGV[base + 2]
-  if holds_lease(id, worker, attempt) then
+  local held, slot = holds_lease(id, worker, attempt)
+  if held then
     redis.call('ZREM', KEYS[1], id)
-    free_slot(id, now, true, KEYS[9])
+    free_slot(slot, now, true, KEYS[9])
     if breaker_open then
       for _, key in ipairs(split_keys(redis.call('HGET', PREFIX .. id, 'rate_keys'))) do
         local failures = num(redis.call('HGET', KEYS[3], key), 0)

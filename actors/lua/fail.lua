@@ -36,7 +36,8 @@ local permanent = ARGV[9] == '1'
 local backoff, backoff_max = tonumber(ARGV[10]), tonumber(ARGV[11])
 local jitter, ttl_ms = tonumber(ARGV[12]), tonumber(ARGV[13])
 
-if not holds_lease(id, worker, attempt) then
+local held, slot = holds_lease(id, worker, attempt)
+if not held then
   return {0, 0}
 end
 local now = now_ms()
@@ -45,7 +46,7 @@ local max_retries = max_retries_of(redis.call('HGET', key, 'max_retries'))
 add_history(id, attempt, err, worker, now)
 redis.call('ZREM', KEYS[1], id)
 use_domains(KEYS[8], KEYS[9], KEYS[10])
-free_slot(id, now, false, nil)
+free_slot(slot, now, false, nil)
 
 local threshold = num(redis.call('HGET', KEYS[7], 'failures'), 0)
 if not permanent and threshold > 0 then

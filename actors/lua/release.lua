@@ -42,10 +42,11 @@ end
 local released = 0
 for i = 1, n do
   local id, attempt = ARGV[10 + 2 * i - 1], ARGV[10 + 2 * i]
-  if holds_lease(id, worker, attempt) then
+  local held, slot = holds_lease(id, worker, attempt)
+  if held then
     local key = PREFIX .. id
     redis.call('ZREM', KEYS[1], id)
-    free_slot(id, now, false, nil)
+    free_slot(slot, now, false, nil)
     redis.call('HSET', key, 'attempt', tonumber(attempt) - 1)
     redis.call('HDEL', key, 'worker')
     if delay > 0 then

@@ -35,9 +35,9 @@ local requeued, dead = 0, 0
 for _, id in ipairs(ids) do
   local key = PREFIX .. id
   redis.call('ZREM', KEYS[1], id)
-  local f = redis.call('HMGET', key, 'status', 'attempt', 'max_retries', 'worker', 'score')
+  local f = redis.call('HMGET', key, 'status', 'attempt', 'max_retries', 'worker', 'score', 'slot')
   if f[1] == 'running' then
-    free_slot(id, now, false, nil)
+    free_slot(f[6], now, false, nil)
     local err = 'worker lost: lease of attempt ' .. tostring(f[2]) .. ' was not renewed'
     add_history(id, f[2], err, f[4] or '', now)
     if (tonumber(f[2]) or 0) > max_retries_of(f[3]) then
