@@ -195,15 +195,25 @@ end
 -- field ('' = none); free_slot() gives it back, once, on every path out of
 -- `running`.
 local DOMAINS, POLICY, GATES_OF = nil, nil, nil
--- The policy fields every call reads, fetched once per script call.
-local POLICY_FIELDS = {'cap', 'capped', 'adaptive', 'min_rate', 'start_rate', 'max_retry_after_ms'}
-local policy = {}
+-- The policy fields, read once per script call and only by a call that needs
+-- them (a completion of tasks that hold no slot reads none).
+local POLICY_FIELDS = {
+  'active', 'cap', 'capped', 'adaptive', 'min_rate', 'start_rate', 'max_retry_after_ms'}
+local policy_values = nil
 local function use_domains(domains, policy_key, gates)
   DOMAINS, POLICY, GATES_OF = domains, policy_key, gates
-  local values = redis.call('HMGET', policy_key, unpack(POLICY_FIELDS))
-  for i, field in ipairs(POLICY_FIELDS) do
-    policy[field] = values[i]
+end
+
+-- A policy field as stored (nil when absent).
+local function policy(field)
+  if not policy_values then
+    policy_values = {}
+    local values = redis.call('HMGET', POLICY, unpack(POLICY_FIELDS))
+    for i, name in ipairs(POLICY_FIELDS) do
+      policy_values[name] = values[i]
+    end
   end
+  return policy_values[field]
 end
 
 -- The hash of domain key K's state.
@@ -259,7 +269,7 @@ end
 local function rate_of(limits, key, learned)
   local configured = configured_rate(limits, key)
   local rate = configured
-  learned = policy.adaptive == '1' and tonumber(learned)
+  learned = learned and policy('adaptive') == '1' and tonumber(learned)
   if learned and learned > 0 and (not rate or learned < rate) then
     rate = learned
   end
@@ -267,14 +277,14 @@ local function rate_of(limits, key, learned)
 end
 
 local function policy_num(field, default)
-  return num(policy[field], default)
+  return num(policy(field), default)
 end
 
 -- How many tasks of domain key K may run at once (0: no cap). `capped` says
 -- some domain has a cap of its own (set_limits writes it).
 local function cap_of(key)
-  local own = policy.capped == '1' and redis.call('HGET', POLICY, 'cap:' .. key)
-  return num(own or policy.cap, 0)
+  local own = policy('capped') == '1' and redis.call('HGET', POLICY, 'cap:' .. key)
+  return num(own or policy('cap'), 0)
 end
 
 -- A domain at its in-flight cap is looked at again this often, and at once

@@ -138,7 +138,7 @@ end
 -- 2. The main queue.
 -- Tasks that name a domain are also looked at when a cap or learned rates apply.
 local gating = redis.call('EXISTS', LIMITS, PAUSED) > 0
-local polite = redis.call('HGET', KEYS[13], 'active') == '1'
+local polite = policy('active') == '1'
 local diverted = 0
 while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Redis long
   local wanted = count - claimed
