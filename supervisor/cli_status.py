@@ -113,7 +113,7 @@ def print_snapshot(state: dict[str, Any]) -> None:
                     _rate(d["rate"]),
                     _rate(d["learned"]),
                     d["throttled_last_minute"],
-                    f"{d['paused_for']:.0f}s" if d["paused_for"] else "-",
+                    f"{d['paused_for']:.1f}s" if d["paused_for"] else "-",
                 ]
                 for d in shown
             ],
