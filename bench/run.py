@@ -50,6 +50,10 @@ from bench.workloads import (
 from supervisor.redis_server import find_redis_server
 
 SYSTEMS = ("scrapeq", *PEERS)
+#: Run only when named in --systems: scrapeq with every noop task on one of
+#: 100 sites, politeness on as by default (its cost beside plain "scrapeq").
+OPT_IN_SYSTEMS = ("scrapeq-domains",)
+DOMAINS = 100
 SCRAPEQ_ONLY = frozenset({"waiters", "memory"})
 #: Run only when named in --workloads: the curve wants a many-core machine.
 OPT_IN = ("scaling",)
@@ -167,7 +171,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "uvloop as scrapeq's processes and uvicorn use it (default: uvloop)",
     )
     args = parser.parse_args(argv)
-    for option, known in (("systems", SYSTEMS), ("workloads", (*COLUMNS, *OPT_IN))):
+    for option, known in (
+        ("systems", (*SYSTEMS, *OPT_IN_SYSTEMS)),
+        ("workloads", (*COLUMNS, *OPT_IN)),
+    ):
         chosen = [name.strip() for name in getattr(args, option).split(",") if name.strip()]
         unknown = sorted(set(chosen) - set(known))
         if unknown:
@@ -185,6 +192,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def target_for(system: str, args: argparse.Namespace) -> Target:
     if system == "scrapeq":
         return Target(partial(ScrapeqAdapter, profile=args.profile), args.redis_server)
+    if system == "scrapeq-domains":
+        return Target(
+            partial(ScrapeqAdapter, profile=args.profile, domains=DOMAINS), args.redis_server
+        )
     adapter: type[Adapter[Any]] = load_peer(system)
     return Target(adapter, args.redis_server)
 
@@ -273,7 +284,7 @@ def _vs_best_peer(
     peers = [
         summaries[p, column.key].median
         for p in systems
-        if p != "scrapeq" and (p, column.key) in summaries
+        if not p.startswith("scrapeq") and (p, column.key) in summaries
     ]
     mine = summaries.get((system, column.key))
     if not peers or mine is None or mine.median == 0:
@@ -340,7 +351,9 @@ async def main_async(args: argparse.Namespace) -> list[Cell]:
     all_cells: list[Cell] = []
     workload_measures = measures(args)
     for workload in args.workloads:
-        systems = [s for s in args.systems if s == "scrapeq" or workload not in SCRAPEQ_ONLY]
+        systems = [
+            s for s in args.systems if s.startswith("scrapeq") or workload not in SCRAPEQ_ONLY
+        ]
         cells: list[Cell] = []
         for rep in range(args.repeats):
             for system in systems:

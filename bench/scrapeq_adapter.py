@@ -117,9 +117,14 @@ class ScrapeqAdapter(Adapter[str]):
     bulk_api = "enqueue_many"
     async_producer = True
 
-    def __init__(self, url: str, workdir: Path, profile: Path | None = None) -> None:
+    def __init__(
+        self, url: str, workdir: Path, profile: Path | None = None, domains: int = 0
+    ) -> None:
         super().__init__(url, workdir)
         self.profile = profile
+        self.domains = domains  # > 0: noop tasks name one of this many sites (politeness)
+        if domains:
+            self.name = "scrapeq-domains"
         self._queue: RedisQueue | None = None
 
     @property
@@ -129,8 +134,11 @@ class ScrapeqAdapter(Adapter[str]):
         return self._queue
 
     async def connect(self, layout: WorkerLayout) -> None:
-        self._queue = RedisQueue(bench_settings(self.url))
+        settings = bench_settings(self.url)
+        self._queue = RedisQueue(settings)
         await self._queue.connect()
+        # What `supervisor start` publishes: the breaker and politeness settings.
+        await self._queue.store.set_limits(settings)
 
     async def close(self) -> None:
         if self._queue is not None:
@@ -143,17 +151,19 @@ class ScrapeqAdapter(Adapter[str]):
         settings = bench_settings(self.url, concurrency)
         return ActorWorkers(settings, processes, self.workdir / "workers.log", self.profile)
 
-    @staticmethod
-    def request(kind: TaskKind) -> ScrapingRequest:
+    def request(self, kind: TaskKind, index: int) -> ScrapingRequest:
+        if kind == "noop" and self.domains:
+            url = f"http://d{index % self.domains}.test/{index}"
+            return ScrapingRequest(script_name="echo", parameters={"url": url})
         if kind == "noop":
             return ScrapingRequest(script_name="echo")
         return ScrapingRequest(script_name="sleep", parameters={"seconds": SLEEP_SECONDS})
 
     async def enqueue(self, kind: TaskKind, index: int) -> str:
-        return await self.queue.enqueue_task(self.request(kind))
+        return await self.queue.enqueue_task(self.request(kind, index))
 
     async def enqueue_bulk(self, kind: TaskKind, count: int) -> list[str]:
-        return await self.queue.enqueue_many([self.request(kind) for _ in range(count)])
+        return await self.queue.enqueue_many([self.request(kind, i) for i in range(count)])
 
     async def done_count(self, handles: Sequence[str]) -> int:
         stats = await TaskManager(self.queue).queue_stats()
@@ -173,7 +183,9 @@ class ScrapeqAdapter(Adapter[str]):
         return None if response is None else response.data
 
     def expected(self, kind: TaskKind, index: int) -> object:
-        return {} if kind == "noop" else {"slept": SLEEP_SECONDS}
+        if kind == "noop":
+            return dict(self.request(kind, index).parameters)  # echo returns its parameters
+        return {"slept": SLEEP_SECONDS}
 
     async def active_workers(self) -> list[dict[str, Any]]:
         return await WorkerMonitor(self.queue).get_active_workers()

@@ -192,7 +192,7 @@ end
 -- of hundreds of fields that stays a listpack (hash-max-listpack-entries 512)
 -- made each write rewrite kilobytes (measured: 3x Redis time per task).
 -- A started task names the domain K whose slot it took in its record's `slot`
--- field ('' = none); free_slot() gives it back, once, on every path out of
+-- field ('+K' while K's window or learned rate still grows, '' = none); free_slot() gives it back, once, on every path out of
 -- `running`.
 local DOMAINS, POLICY, GATES_OF = nil, nil, nil
 -- The policy fields, read once per script call and only by a call that needs
@@ -340,7 +340,11 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
           if num(d[1], 0) >= room then
             if now + CAP_RECHECK_MS > wait then wait, blocker = now + CAP_RECHECK_MS, key end
           else
-            slot = key
+            -- '+': its success still widens the window or raises a learned
+            -- rate; once neither applies, a completion reads nothing more.
+            local grows = (not configured and num(d[2], 1) < cap)
+              or (tonumber(d[3]) and policy('adaptive') == '1')
+            slot = grows and ('+' .. key) or key
           end
         end
       end
@@ -353,7 +357,7 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
     redis.call('HSET', state, plan[1], plan[2])
   end
   if slot then
-    count_up(domain_hash(slot), 'n', 1)
+    count_up(domain_hash(string.match(slot, '^%+?(.*)$')), 'n', 1)
   end
   for _, domain in ipairs(seen) do
     touch(domain[1], domain[2], now)
@@ -400,23 +404,25 @@ local function learn_success(limits, key, learned, now)
   end
 end
 
--- Give back the domain slot a task holds (`key`: its record's `slot`; nil or
+-- Give back the domain slot a task holds (`slot`: its record's `slot`, the
+-- domain key, '+'-prefixed when a success still teaches something; nil or
 -- '' = none). Called once per attempt, by the script that moves the task out
 -- of `running` (each checks that it is running).
 -- `success`: the task completed, so its domain's window and learned rate grow.
 -- A task of the domain waiting at its gate may start at once: the gate is
 -- made due and the workers are woken (once per script call).
 local slot_woken = false
-local function free_slot(key, now, success, limits)
-  if not DOMAINS or not key or key == '' then
+local function free_slot(slot, now, success, limits)
+  if not DOMAINS or not slot or slot == '' then
     return
   end
+  local grows, key = string.match(slot, '^(%+?)(.*)$')
   local hash = domain_hash(key)
   local left = redis.pcall('HINCRBY', hash, 'n', -1)
   if type(left) ~= 'number' or left < 0 then
     redis.call('HSET', hash, 'n', 0)  -- damaged from outside: start again
   end
-  if success then
+  if success and grows == '+' then
     local d = redis.call('HMGET', hash, 'w', 'r')
     local window = num(d[1], 1)
     if window < cap_of(key) then
