@@ -430,12 +430,16 @@ class TaskManager:
         keys = self.queue.keys
         connection = self.queue.connection
         with translated_errors():
-            time, names, limits, paused, policy = await connection.execute_many(
+            time, kind, limits, paused, policy = await connection.execute_many(
                 ("TIME",),
-                ("ZRANGE", keys.domains, 0, -1),
+                ("TYPE", keys.domains),
                 ("HGETALL", keys.limits),
                 ("HGETALL", keys.paused),
                 ("HGETALL", keys.politeness),
+            )
+            # An index damaged from outside (not a zset) shows no domains.
+            names = (
+                await connection.execute("ZRANGE", keys.domains, 0, -1) if _is_zset(kind) else []
             )
             fields = FIELDS_OF_DOMAIN
             states = await connection.execute_many(
@@ -515,6 +519,11 @@ class TaskManager:
 
 #: The fields of a domain's politeness hash that ``TaskManager.domains`` shows.
 FIELDS_OF_DOMAIN = ("n", "w", "r", "x")
+
+
+def _is_zset(kind: object) -> bool:
+    """Whether a TYPE reply says zset (hiredis gives a status as str or bytes)."""
+    return kind in ("zset", b"zset")
 
 
 def _number(raw: str | None) -> float | None:

@@ -350,3 +350,29 @@ async def test_claim_and_reports_with_damaged_politeness_state_lose_no_task(
     assert claimed
     assert await orphans(queue) == []
     assert await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)
+
+
+async def test_a_damaged_politeness_index_aborts_no_script_and_no_status(
+    settings: Settings, queue: RedisQueue, manager: TaskManager
+) -> None:
+    """The last-seen index of the wrong type (a key written from outside, or by an
+    earlier layout) only times pruning: claims, reports, the reaper's step and
+    ``status`` go on."""
+    await queue.store.set_limits(settings)
+    for _ in range(3):
+        await queue.enqueue_task(request(parameters={"url": "https://a.test/"}))
+    await admin(queue).hset(queue.keys.domains, "r:domain:a.test", "1")  # a hash, not a zset
+
+    claimed = (await queue.store.claim("w1", 3)).leases
+    await queue.store.release(
+        "w1",
+        [(claimed[0].request_id, claimed[0].attempt)],
+        reason="rate_limited",
+        pause_key="domain:a.test",
+        pause=0.01,
+    )
+
+    assert claimed
+    assert await orphans(queue) == []
+    assert await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)
+    assert await manager.domains() == []

@@ -229,7 +229,7 @@ local SEEN_EVERY_MS = 1000
 local function touch(key, seen, now)
   if now - num(seen, 0) >= SEEN_EVERY_MS then
     redis.call('HSET', domain_hash(key), 'a', now)
-    redis.call('ZADD', DOMAINS, now, key)
+    redis.pcall('ZADD', DOMAINS, now, key)  -- the index only times pruning: never abort
   end
 end
 
@@ -458,7 +458,7 @@ local function learn_throttle(limits, state, key, now, until_ms, reason)
     table.remove(recent, 1)
   end
   redis.call('HSET', hash, 'x', table.concat(recent, ' '), 'a', now)
-  redis.call('ZADD', DOMAINS, now, key)
+  redis.pcall('ZADD', DOMAINS, now, key)  -- the index only times pruning: never abort
   -- Answers to requests sent together (up to the window) arrive together:
   -- like TCP's one decrease per round trip, they count as one signal.
   if now - previous < THROTTLE_ROUND_MS then

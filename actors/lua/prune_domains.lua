@@ -27,11 +27,18 @@ local function hash_of(key)
   return INDEX .. ':' .. key
 end
 
+-- An index damaged from outside (not a zset) reads as empty: the rest of the
+-- step, and the reaper's pass around it, go on.
+local function idle_since(cutoff, offset)
+  local found = redis.pcall('ZRANGEBYSCORE', INDEX, '-inf', cutoff, 'LIMIT', offset, count)
+  return found.err and {} or found
+end
+
 -- 1. Forget domains idle for forget_ms (none of their tasks running).
 local forgotten = 0
-for _, key in ipairs(redis.call('ZRANGEBYSCORE', INDEX, '-inf', now - forget_ms, 'LIMIT', 0, count)) do
+for _, key in ipairs(idle_since(now - forget_ms, 0)) do
   if num(redis.call('HGET', hash_of(key), 'n'), 0) > 0 then
-    redis.call('ZADD', INDEX, now, key)  -- running now: not idle
+    redis.pcall('ZADD', INDEX, now, key)  -- running now: not idle
   else
     redis.call('DEL', hash_of(key))
     redis.call('ZREM', INDEX, key)
@@ -43,7 +50,7 @@ end
 
 -- 2. Decay the learned rates of domains idle for decay_ms, a slice at a time.
 local offset = num(cursors[1], 0)
-local idle = redis.call('ZRANGEBYSCORE', INDEX, '-inf', now - decay_ms, 'LIMIT', offset, count)
+local idle = idle_since(now - decay_ms, offset)
 for _, key in ipairs(idle) do
   local hash = hash_of(key)
   local d = redis.call('HMGET', hash, 'r', 'd', 'n')
