@@ -1,5 +1,7 @@
 """The reaper actor: requeues expired leases, promotes due retries, applies retention,
-and sweeps the task records for any that sit in no queue set.
+sweeps the task records for any that sit in no queue set, and keeps the
+per-domain politeness state bounded (decay, forgetting) and its in-flight
+counts exact (a recount with each retention cleanup).
 
 Only one reaper acts at a time across all hosts: it holds a renewable lease
 (``lock.lua``); the others stand by and take over within one lease period if
@@ -88,6 +90,9 @@ class Reaper(Actor):
         removed, forgotten = await store.cleanup()
         if removed or forgotten:
             logger.info("보존 기간 정리: 데드레터 %d건, 워커 %d개 삭제", removed, forgotten)
+        fixed = await store.recount_slots()
+        if fixed:
+            logger.warning("도메인 %d개의 실행 중 작업 수가 실제와 달라 바로잡음", fixed)
         return now + self.settings.tasks.cleanup_interval
 
     async def _prune_domains(self) -> None:

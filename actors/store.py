@@ -41,6 +41,7 @@ SCRIPT_NAMES = (
     "probe",
     "promote",
     "prune_domains",
+    "recount_slots",
     "release",
     "renew",
     "repair",
@@ -143,6 +144,7 @@ SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
     "probe": (),
     "promote": ("pending", "delayed"),
     "prune_domains": ("domains", "rate_state", "paused", "breaker", "limits"),
+    "recount_slots": ("running", "domains", "gates"),
     "release": (
         "running",
         "pending",
@@ -479,6 +481,10 @@ class TaskStore:
         for name, value in policy.items():
             args += [name, value]
         return int(await self._call("set_limits", args))
+
+    async def recount_slots(self) -> int:
+        """Set each domain's in-flight count from the running tasks; returns how many were wrong."""
+        return int(await self._call("recount_slots", []))
 
     async def prune_domains(
         self, cursors: str, count: int, decay: float, forget: float

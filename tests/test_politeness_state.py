@@ -195,3 +195,20 @@ async def test_idle_domains_decay_then_are_forgotten_and_no_hash_keeps_them(
     assert await admin(queue).hgetall(keys.paused) == {}
     assert await admin(queue).hgetall(keys.breaker) == {}
     assert cursors == "0 0 0"
+
+
+async def test_a_drifted_in_flight_count_is_recounted_from_the_running_tasks(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    """A count left too high (a half-failed script of an earlier version) would hold
+    its domain back for good; the reaper's recount sets it from the running tasks."""
+    await polite(queue, settings, max_in_flight_per_domain=2, adaptive=False)
+    await queue.enqueue_many(on("a.test", 3))
+    assert len(await claim(queue)) == 1  # slow start: one of a.test at a time
+    await admin(queue).hset(queue.keys.domain(KEY), mapping={"n": 7, "w": 2})
+    assert await claim(queue, worker="w2") == []  # held back by the drifted count
+
+    assert await queue.store.recount_slots() == 1
+    assert await state(queue, "n") == 1  # the one task still running
+    assert len(await claim(queue, worker="w2")) == 1  # the window (2) has room again
+    assert await queue.store.recount_slots() == 0

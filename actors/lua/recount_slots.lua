@@ -1,0 +1,46 @@
+-- recount_slots: set every domain's in-flight count to the number of running
+-- tasks that hold one of its slots. A count is kept exact by the scripts
+-- that start and end tasks; one that drifted anyway (a script of an earlier
+-- version that failed half-way, a field written from outside) would hold
+-- its domain back for good, so the reaper recounts now and then.
+--
+-- KEYS[1] running  zset id -> lease deadline (every task holding a slot is here)
+-- KEYS[2] domains  zset: politeness index; per-domain hashes beside it (_lib.lua)
+-- KEYS[3] gates    zset rate key -> next start (ms): a domain whose count went
+--                  down may start its waiting tasks at once
+--
+-- Returns the number of domains whose count was wrong.
+
+local counts = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local slot = redis.call('HGET', PREFIX .. id, 'slot')
+  if slot and slot ~= '' then
+    local key = string.match(slot, '^%+?(.*)$')
+    counts[key] = (counts[key] or 0) + 1
+  end
+end
+local known = redis.pcall('ZRANGE', KEYS[2], 0, -1)
+if known.err then
+  known = {}
+end
+for _, key in ipairs(known) do
+  counts[key] = counts[key] or 0
+end
+local now = now_ms()
+local fixed, freed = 0, 0
+for key, count in pairs(counts) do
+  local hash = KEYS[2] .. ':' .. key
+  local stored = num(redis.call('HGET', hash, 'n'), -1)
+  if stored ~= count then
+    redis.call('HSET', hash, 'n', count)
+    fixed = fixed + 1
+    if stored > count and num(redis.call('ZSCORE', KEYS[3], key), 0) > now then
+      redis.call('ZADD', KEYS[3], 'XX', now, key)
+      freed = freed + 1
+    end
+  end
+end
+if freed > 0 then
+  publish(WAKE, freed)
+end
+return fixed
