@@ -212,3 +212,16 @@ async def test_a_drifted_in_flight_count_is_recounted_from_the_running_tasks(
     assert await state(queue, "n") == 1  # the one task still running
     assert len(await claim(queue, worker="w2")) == 1  # the window (2) has room again
     assert await queue.store.recount_slots() == 0
+
+
+async def test_a_domain_held_back_at_its_gate_is_recounted_even_when_not_indexed(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    await polite(queue, settings, max_in_flight_per_domain=2, adaptive=False)
+    await queue.enqueue_many(on("a.test", 2))
+    await admin(queue).hset(queue.keys.domain(KEY), mapping={"n": 2, "w": 2})
+    await admin(queue).delete(queue.keys.domains)  # the index lost (or never had) it
+    assert await claim(queue) == []  # both wait at the gate
+
+    assert await queue.store.recount_slots() == 1
+    assert len(await claim(queue)) == 2

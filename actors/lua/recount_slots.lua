@@ -23,8 +23,15 @@ local known = redis.pcall('ZRANGE', KEYS[2], 0, -1)
 if known.err then
   known = {}
 end
+-- Every indexed domain, and every domain with tasks waiting at its gate
+-- (those a wrong count holds back, indexed or not).
 for _, key in ipairs(known) do
   counts[key] = counts[key] or 0
+end
+for _, key in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  if string.sub(key, 1, 7) == 'domain:' then
+    counts[key] = counts[key] or 0
+  end
 end
 local now = now_ms()
 local fixed, freed = 0, 0
