@@ -54,6 +54,7 @@ def politeness_fields(politeness: PolitenessSettings) -> dict[str, str]:
         "active": "1" if active else "0",
         "cap": str(politeness.max_in_flight_per_domain),
         "capped": "1" if caps else "0",
+        "window": str(politeness.initial_window),
         **caps,
         "adaptive": "1" if politeness.adaptive else "0",
         "start_rate": repr(politeness.start_rate),

@@ -118,13 +118,19 @@ class ScrapeqAdapter(Adapter[str]):
     async_producer = True
 
     def __init__(
-        self, url: str, workdir: Path, profile: Path | None = None, domains: int = 0
+        self,
+        url: str,
+        workdir: Path,
+        profile: Path | None = None,
+        domains: int = 0,
+        polite: bool = True,
     ) -> None:
         super().__init__(url, workdir)
         self.profile = profile
         self.domains = domains  # > 0: noop tasks name one of this many sites (politeness)
+        self.polite = polite  # False: [politeness] off, to tell its cost from the domain's
         if domains:
-            self.name = "scrapeq-domains"
+            self.name = "scrapeq-domains" if polite else "scrapeq-domains-off"
         self._queue: RedisQueue | None = None
 
     @property
@@ -135,6 +141,14 @@ class ScrapeqAdapter(Adapter[str]):
 
     async def connect(self, layout: WorkerLayout) -> None:
         settings = bench_settings(self.url)
+        if not self.polite:
+            settings = settings.model_copy(
+                update={
+                    "politeness": settings.politeness.model_copy(
+                        update={"max_in_flight_per_domain": 0, "adaptive": False}
+                    )
+                }
+            )
         self._queue = RedisQueue(settings)
         await self._queue.connect()
         # What `supervisor start` publishes: the breaker and politeness settings.

@@ -200,6 +200,7 @@ class PolitenessSettings(_Section):
 
     max_in_flight_per_domain: NonNegativeInt = 8  # tasks of one domain at once, all hosts; 0 = off
     in_flight: dict[DomainKey, NonNegativeInt] = Field(default_factory=dict)  # per-domain caps
+    initial_window: PositiveInt = 2  # tasks in flight of a domain not seen before (slow start)
     adaptive: bool = True  # learn a domain's pace from 429/503, slow start after a pause
     max_retry_after: Seconds = 3600.0  # a site's Retry-After is clamped to this
     start_rate: PositiveFloat = 1.0  # tasks/s of a domain with no limit at its first 429/503

@@ -51,18 +51,21 @@ async def claim(queue: RedisQueue, n: int = 100, worker: str = "w1") -> list[Lea
 async def test_cap_holds_across_workers_and_other_domains_are_not_held_back(
     settings: Settings, queue: RedisQueue
 ) -> None:
-    await polite(queue, settings, max_in_flight_per_domain=3, adaptive=False)
+    await polite(queue, settings, max_in_flight_per_domain=4, initial_window=2, adaptive=False)
     await queue.enqueue_many(on("a.test", 10))
-    # Slow start first: one, then a window that widens with each success.
+    # Slow start first: the initial window, then one more per success.
     first = await claim(queue)
-    assert len(first) == 1
+    assert len(first) == 2
     await queue.store.complete("w1", [Completion(first[0].request_id, first[0].attempt, "1", 0.1)])
-    assert len(await claim(queue, worker="w2")) == 2
+    assert len(await claim(queue, worker="w2")) == 2  # window 3, one still running
+    await queue.store.complete("w1", [Completion(first[1].request_id, first[1].attempt, "1", 0.1)])
+    assert len(await claim(queue, worker="w2")) == 2  # window 4, two still running
+    assert await claim(queue, worker="w2") == []  # four running: the cap
     free = await queue.enqueue_many(on("b.test", 3))
     later = await claim(queue, worker="w3")
 
-    assert {lease.request_id for lease in later} == set(free[:1])  # b.test's own slow start
-    assert await state(queue, "n") == 2
+    assert {lease.request_id for lease in later} == set(free[:2])  # b.test's own slow start
+    assert await state(queue, "n") == 4
 
 
 async def test_a_domains_own_cap_overrides_the_default(
@@ -120,7 +123,7 @@ async def test_every_path_out_of_running_gives_the_slot_back_once(
 async def test_429_halves_the_learned_rate_once_per_burst_and_clamps_retry_after(
     settings: Settings, queue: RedisQueue
 ) -> None:
-    await polite(queue, settings, max_retry_after=2.0, start_rate=1.0)
+    await polite(queue, settings, max_retry_after=2.0, start_rate=1.0, initial_window=1)
     await queue.enqueue_many(on("a.test", 3))
     (lease,) = await claim(queue)
     await queue.store.release(
@@ -202,7 +205,7 @@ async def test_a_drifted_in_flight_count_is_recounted_from_the_running_tasks(
 ) -> None:
     """A count left too high (a half-failed script of an earlier version) would hold
     its domain back for good; the reaper's recount sets it from the running tasks."""
-    await polite(queue, settings, max_in_flight_per_domain=2, adaptive=False)
+    await polite(queue, settings, max_in_flight_per_domain=2, initial_window=1, adaptive=False)
     await queue.enqueue_many(on("a.test", 3))
     assert len(await claim(queue)) == 1  # slow start: one of a.test at a time
     await admin(queue).hset(queue.keys.domain(KEY), mapping={"n": 7, "w": 2})

@@ -175,14 +175,14 @@ end
 --   policy   hash: active (1: a cap or adaptive applies, so claim looks at
 --            every task that names a domain), cap (tasks of one domain
 --            running at once, 0 = none), capped (1: some domain has its own),
---            cap:K (K's own cap), adaptive (1/0), start_rate, min_rate,
---            max_retry_after_ms
+--            cap:K (K's own cap), window (a new domain's window), adaptive
+--            (1/0), start_rate, min_rate, max_retry_after_ms
 --   gates    the gates zset: a slot given back makes K's gate due at once
 -- Each domain has a small hash of its own, domains .. ':' .. K (KeySpace.domain):
 --     n  tasks of K running now, on every host (the in-flight cap counts these)
---     w  K's concurrency window, for a domain with no configured limit: 1 for
---        one not seen before (slow start), +1 per success up to the cap,
---        halved when K answers 429/503
+--     w  K's concurrency window, for a domain with no configured limit: the
+--        policy's `window` for one not seen before (slow start), +1 per
+--        success up to the cap, halved when K answers 429/503
 --     a  when K was last seen (ms; the index's score)
 --     r  the rate learned for K (tasks/s) once it answered 429/503
 --     s  successes since r last changed
@@ -198,7 +198,8 @@ local DOMAINS, POLICY, GATES_OF = nil, nil, nil
 -- The policy fields, read once per script call and only by a call that needs
 -- them (a completion of tasks that hold no slot reads none).
 local POLICY_FIELDS = {
-  'active', 'cap', 'capped', 'adaptive', 'min_rate', 'start_rate', 'max_retry_after_ms'}
+  'active', 'cap', 'capped', 'window', 'adaptive', 'min_rate', 'start_rate',
+  'max_retry_after_ms'}
 local policy_values = nil
 local function use_domains(domains, policy_key, gates)
   DOMAINS, POLICY, GATES_OF = domains, policy_key, gates
@@ -280,6 +281,11 @@ local function policy_num(field, default)
   return num(policy(field), default)
 end
 
+-- A domain's window from its stored `w` (absent: a new domain's).
+local function window_of(raw)
+  return tonumber(raw) or policy_num('window', 1)
+end
+
 -- How many tasks of domain key K may run at once (0: no cap). `capped` says
 -- some domain has a cap of its own (set_limits writes it).
 local function cap_of(key)
@@ -336,13 +342,13 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
         local cap = cap_of(key)
         if cap > 0 then
           -- A site with a configured limit is known: no slow start there.
-          local room = configured and cap or math.min(cap, num(d[2], 1))
+          local room = configured and cap or math.min(cap, window_of(d[2]))
           if num(d[1], 0) >= room then
             if now + CAP_RECHECK_MS > wait then wait, blocker = now + CAP_RECHECK_MS, key end
           else
             -- '+': its success still widens the window or raises a learned
             -- rate; once neither applies, a completion reads nothing more.
-            local grows = (not configured and num(d[2], 1) < cap)
+            local grows = (not configured and window_of(d[2]) < cap)
               or (tonumber(d[3]) and policy('adaptive') == '1')
             slot = grows and ('+' .. key) or key
           end
@@ -424,7 +430,7 @@ local function free_slot(slot, now, success, limits)
   end
   if success and grows == '+' then
     local d = redis.call('HMGET', hash, 'w', 'r')
-    local window = num(d[1], 1)
+    local window = window_of(d[1])
     if window < cap_of(key) then
       redis.call('HSET', hash, 'w', window + 1)
     end
@@ -465,7 +471,7 @@ local function learn_throttle(limits, state, key, now, until_ms, reason)
     return nil
   end
   if cap_of(key) > 0 then
-    local window = num(redis.call('HGET', hash, 'w'), 1)
+    local window = window_of(redis.call('HGET', hash, 'w'))
     redis.call('HSET', hash, 'w', math.max(1, math.floor(window / 2)))
   end
   if policy_num('adaptive', 0) ~= 1 then
