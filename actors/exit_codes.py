@@ -35,3 +35,6 @@ class CliExit(IntEnum):
     TIMEOUT = 3
     BACKPRESSURE = 4
     REDIS_UNREACHABLE = 5
+    INTERNAL = 70
+    """EX_SOFTWARE: an unexpected error inside the command (a bug, or an error
+    no other status names); stderr has one line saying what it was."""

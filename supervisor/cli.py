@@ -1,7 +1,8 @@
 """The ``supervisor`` command line: parsing, settings, and errors turned into exit codes.
 
 Each subcommand lives in a ``cli_*`` module and returns its exit status; the
-contract's exceptions are mapped to the contract's exit codes here, once.
+contract's exceptions are mapped to the contract's exit codes here, once, and
+any other exception to one line on stderr and ``CliExit.INTERNAL``.
 See docs/cli.md.
 """
 
@@ -14,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from actors.endpoint import redacted
 from actors.exceptions import (
@@ -26,13 +28,23 @@ from actors.exceptions import (
 from actors.exit_codes import CliExit
 from config.settings import CONFIG_ENV, ConfigError, Settings
 from supervisor import cli_dlq, cli_status, cli_tasks
-from supervisor.cli_common import Handler, eprint
-from supervisor.logs import configure_logging
+from supervisor.cli_common import Handler, eprint, package_version
+from supervisor.logs import configure_logging, escape_controls
 
 logger = logging.getLogger(__name__)
 
 #: Commands that follow the queue until interrupted; Ctrl-C ends them with exit 0.
 _FOLLOWING = frozenset({"events", "status"})
+
+#: The stderr log level without ``--log-level``: routine commands print only
+#: warnings and errors; ``start`` logs what it does, its log is what operators read.
+DEFAULT_LOG_LEVEL = "WARNING"
+START_LOG_LEVEL = "INFO"
+
+
+def default_log_level(command: str | None) -> str:
+    """The log level of ``command`` when ``--log-level`` is not given."""
+    return START_LOG_LEVEL if command == "start" else DEFAULT_LOG_LEVEL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="supervisor",
         description="Run and operate a scrapeq task queue.",
         epilog="Exit status: 0 ok, 1 task failed or not found, 2 usage or config error, "
-        "3 timeout, 4 rejected by backpressure, 5 Redis unreachable.",
+        "3 timeout, 4 rejected by backpressure, 5 Redis unreachable, "
+        f"{CliExit.INTERNAL} unexpected internal error.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     _add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     start = commands.add_parser(
@@ -76,8 +90,9 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
         "--log-level",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         type=str.upper,
-        default=argparse.SUPPRESS if suppress else "INFO",
-        help="stderr log level (default INFO)",
+        # None (not given) lets run() pick the command's default level.
+        default=argparse.SUPPRESS if suppress else None,
+        help=f"stderr log level (default {DEFAULT_LOG_LEVEL}; {START_LOG_LEVEL} for start)",
     )
 
 
@@ -93,11 +108,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else CliExit.USAGE
-    configure_logging(args.log_level)
+    configure_logging(args.log_level or default_log_level(args.command))
     try:
         settings, config_path = load_settings(args.config)
     except ConfigError as exc:
         return report(exc, None)
+    except Exception as exc:  # any other error: one line, not a traceback
+        return report_unexpected(exc, None, args.command)
     handler: Handler | None = args.handler
     try:
         if handler is None:
@@ -108,11 +125,19 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return CliExit.OK if args.command in _FOLLOWING else 130
     except (ConfigError, QueueError) as exc:
-        return report(exc, settings)
+        return report(exc, settings, args.command)
+    except Exception as exc:  # any other error: one line, not a traceback
+        return report_unexpected(exc, settings, args.command)
 
 
-def report(exc: ConfigError | QueueError, settings: Settings | None) -> int:
-    """Explain ``exc`` on stderr (a Korean log line and an English message); its exit status."""
+def report(
+    exc: ConfigError | QueueError, settings: Settings | None, command: str | None = None
+) -> int:
+    """Explain ``exc`` on stderr (a Korean log line and an English message); its exit status.
+
+    A ``QueueError`` the contract maps to no exit status (``ScriptError``, a
+    subclass added later) is reported as unexpected (``report_unexpected``).
+    """
     if isinstance(exc, ConfigError):
         logger.error("설정 오류: %s", exc)
         eprint(f"error: configuration: {exc}")
@@ -134,7 +159,46 @@ def report(exc: ConfigError | QueueError, settings: Settings | None) -> int:
         logger.error("Redis 에 연결할 수 없음: %s", url)
         eprint(f"error: cannot reach Redis at {url}: {exc}")
         return CliExit.REDIS_UNREACHABLE
-    raise exc
+    return report_unexpected(exc, settings, command)
+
+
+def report_unexpected(
+    exc: Exception, settings: Settings | None = None, command: str | None = None
+) -> int:
+    """Explain an error no exit status is mapped to, in one stderr line; ``CliExit.INTERNAL``.
+
+    The traceback goes to the log at DEBUG (``--log-level DEBUG`` shows it),
+    except for ``start``: its log is the operators' record of a crash, so
+    there it is logged at ERROR. The Redis URL's secrets are masked in the line.
+    """
+    what = f"unexpected {type(exc).__name__}"
+    message = escape_controls(str(exc))
+    if settings is not None:
+        message = _mask_secrets(message, settings.redis.url)
+    level = logging.ERROR if command == "start" else logging.DEBUG
+    logger.log(level, "예기치 않은 오류 (%s): %s", type(exc).__name__, message, exc_info=exc)
+    detail = f"{what}: {message}" if message else what
+    hint = "" if level == logging.ERROR else " (--log-level DEBUG shows the traceback)"
+    eprint(f"error: {detail}{hint}")
+    return CliExit.INTERNAL
+
+
+def _mask_secrets(text: str, url: str) -> str:
+    """``text`` with the URL, and each password it carries, masked (``***``)."""
+    try:
+        parts = urlsplit(url)
+        secrets = [parts.password or ""] + [
+            value
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+            if name in ("password", "ssl_password")
+        ]
+        text = text.replace(url, redacted(url))
+    except ValueError:  # a URL urlsplit cannot read: mask it whole
+        return text.replace(url, "***")
+    for secret in {variant for raw in secrets for variant in (raw, unquote(raw))}:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def main() -> None:

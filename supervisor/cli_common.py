@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import signal
 import sys
 import threading
+import tomllib
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeAlias
 
 from config.settings import Settings
@@ -20,6 +23,12 @@ Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 #: A subcommand: parsed arguments and settings in, exit status out.
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+#: The distribution whose version ``supervisor --version`` prints.
+DISTRIBUTION = "scrapeq"
+
+#: The source tree's project file: the version when the distribution is not installed.
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 #: Backpressure states, in the order of ``scrapeq_backpressure_state``'s values.
 BACKPRESSURE_STATES = ("open", "throttled", "closed")
@@ -91,3 +100,17 @@ def stop_on_signals() -> Iterator[asyncio.Event]:
 def eprint(message: str) -> None:
     """A message for the operator on stderr (data goes to stdout)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def package_version() -> str:
+    """The installed distribution's version, else ``pyproject.toml``'s, else ``unknown``."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        with PYPROJECT.open("rb") as file:
+            version = tomllib.load(file)["project"]["version"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return "unknown"
+    return str(version)

@@ -44,6 +44,11 @@ def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("request_id", metavar="ID", nargs="?", help="the task to requeue")
     which.add_argument("--all", action="store_true", help="requeue every dead letter")
+    retry.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object: {"requeued": N}, plus "request_id" when ID is given',
+    )
     retry.set_defaults(handler=retry_dead_letters)
 
     purge = actions.add_parser(
@@ -52,6 +57,7 @@ def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
         help="delete every dead letter",
         description="Delete every dead-lettered task and its record, without asking.",
     )
+    purge.add_argument("--json", action="store_true", help='print one JSON object: {"purged": N}')
     purge.set_defaults(handler=purge_dead_letters)
 
 
@@ -82,14 +88,20 @@ async def retry_dead_letters(args: argparse.Namespace, settings: Settings) -> in
         if args.all:
             count = await manager.requeue_all_dead_letters()
             logger.info("데드레터 %d개 재등록", count)
-            print(f"requeued {count}")
+            if args.json:
+                print_json({"requeued": count})
+            else:
+                print(f"requeued {count}")
             return CliExit.OK
         if not await manager.requeue_dead_letter(args.request_id):
             logger.warning("데드레터 큐에 없는 작업: %s", args.request_id)
             eprint(f"not in the dead-letter queue: {args.request_id}")
             return CliExit.TASK_FAILED
     logger.info("데드레터 재등록: %s", args.request_id)
-    print(f"requeued {args.request_id}")
+    if args.json:
+        print_json({"requeued": 1, "request_id": args.request_id})
+    else:
+        print(f"requeued {args.request_id}")
     return CliExit.OK
 
 
@@ -97,5 +109,8 @@ async def purge_dead_letters(args: argparse.Namespace, settings: Settings) -> in
     async with RedisQueue(settings) as queue:
         count = await TaskManager(queue).purge_dead_letters()
     logger.info("데드레터 %d개 삭제", count)
-    print(f"purged {count}")
+    if args.json:
+        print_json({"purged": count})
+    else:
+        print(f"purged {count}")
     return CliExit.OK

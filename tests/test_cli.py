@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.metadata
 import json
+import logging
+import subprocess
+import sys
+import tomllib
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio
 from helpers import wait_for
 
+from actors.exceptions import ScriptError
+from actors.exit_codes import CliExit
 from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from config.settings import Settings
+from supervisor import cli_tasks
 from supervisor.cli import run
 from supervisor.redis_server import free_port
 
@@ -325,3 +335,223 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["dlq", "retry", "some-id", "--all"]) == 2
     assert run(["submit", "echo", "-p", "no-equals-sign"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# -- conventions every command follows (issue #16) ---------------------------------------------
+
+
+@pytest.fixture
+def _root_log_level() -> Iterator[None]:
+    """Give the root logger back its level: ``run`` sets it for the whole process."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
+
+
+def pyproject_version() -> str:
+    with (Path(__file__).parent.parent / "pyproject.toml").open("rb") as file:
+        version = tomllib.load(file)["project"]["version"]
+    assert isinstance(version, str)
+    return version
+
+
+def test_version_prints_the_installed_version_and_exits_0() -> None:
+    supervisor = Path(sys.executable).with_name("supervisor")
+    done = subprocess.run(
+        [str(supervisor), "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"supervisor {importlib.metadata.version('scrapeq')}\n"
+    assert importlib.metadata.version("scrapeq") == pyproject_version()
+
+
+def test_version_falls_back_to_pyproject_when_the_distribution_is_not_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out == f"supervisor {pyproject_version()}\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["submit"],
+        ["task"],
+        ["status"],
+        ["events"],
+        ["dlq", "list"],
+        ["dlq", "retry"],
+        ["dlq", "purge"],
+    ],
+)
+def test_every_command_that_prints_data_takes_json(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run([*command, "--help"]) == 0
+    assert "--json" in capsys.readouterr().out
+
+
+async def test_dlq_retry_json_prints_one_object_naming_the_requeued_task(
+    config: str, queue: RedisQueue, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request_id = await dead_letter(queue)
+
+    assert await cli("--config", config, "dlq", "retry", request_id, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"requeued": 1, "request_id": request_id}
+    assert await TaskManager(queue).get_task_status(request_id) is TaskStatus.PENDING
+
+
+async def test_dlq_retry_json_of_an_unknown_id_exits_1_and_prints_nothing_on_stdout(
+    config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cli("--config", config, "dlq", "retry", "no-such-task", "--json") == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "not in the dead-letter queue: no-such-task" in captured.err
+
+
+async def test_dlq_retry_all_json_prints_how_many_were_requeued(
+    config: str, queue: RedisQueue, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for _ in range(3):
+        await dead_letter(queue)
+
+    assert await cli("--config", config, "dlq", "retry", "--all", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"requeued": 3}
+    assert (await TaskManager(queue).queue_stats())["pending"] == 3
+
+
+async def test_dlq_purge_json_prints_how_many_were_purged(
+    config: str, queue: RedisQueue, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for _ in range(2):
+        await dead_letter(queue)
+
+    assert await cli("--config", config, "dlq", "purge", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"purged": 2}
+    assert await cli("--config", config, "dlq", "purge", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"purged": 0}
+
+
+@pytest.mark.usefixtures("_root_log_level")
+def test_submit_logs_nothing_on_stderr_by_default(
+    config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["--config", config, "submit", "echo"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip()
+    assert captured.err == ""
+
+
+@pytest.mark.usefixtures("_root_log_level")
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_explicit_log_level_wins_before_or_after_the_command(
+    config: str, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    option = ["--log-level", "info"]
+    argv = ["--config", config, *(option if where == "before" else [])]
+    argv += ["submit", "echo", *(option if where == "after" else [])]
+    assert run(argv) == 0
+    err = capsys.readouterr().err
+    assert " INFO " in err
+    assert "작업 제출됨" in err
+
+
+@pytest.mark.usefixtures("_root_log_level")
+@pytest.mark.parametrize(
+    ("option", "level"), [([], logging.INFO), (["--log-level", "ERROR"], logging.ERROR)]
+)
+def test_start_logs_at_info_unless_told_otherwise(
+    config: str, option: list[str], level: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import supervisor.app  # noqa: PLC0415 -- heavy, only this test needs it
+
+    levels: list[int] = []
+
+    def fake_supervisor(settings: Settings, config_path: Path | None) -> int:
+        levels.append(logging.getLogger().level)
+        return 0
+
+    monkeypatch.setattr(supervisor.app, "run_supervisor", fake_supervisor)
+    assert run(["start", "--config", config, *option]) == 0
+    assert levels == [level]
+
+
+def raising(exc: Exception) -> Callable[[argparse.Namespace, Settings], Awaitable[int]]:
+    async def handler(args: argparse.Namespace, settings: Settings) -> int:
+        raise exc
+
+    return handler
+
+
+@pytest.mark.usefixtures("_root_log_level")
+def test_an_unexpected_error_exits_70_with_one_stderr_line_and_no_traceback(
+    config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli_tasks, "show_task", raising(RuntimeError("boom\nat line 2")))
+
+    assert run(["--config", config, "task", "some-id"]) == CliExit.INTERNAL == 70
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "error: unexpected RuntimeError: boom\\nat line 2 (--log-level DEBUG shows the traceback)"
+    ]
+
+
+@pytest.mark.usefixtures("_root_log_level")
+def test_log_level_debug_shows_the_traceback_of_an_unexpected_error(
+    config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli_tasks, "show_task", raising(RuntimeError("boom")))
+
+    assert run(["--config", config, "task", "some-id", "--log-level", "DEBUG"]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert "예기치 않은 오류 (RuntimeError): boom" in err
+    assert err.splitlines()[-1].startswith("error: unexpected RuntimeError: boom")
+
+
+@pytest.mark.usefixtures("_root_log_level")
+def test_a_queue_error_without_an_exit_status_exits_70_not_with_a_traceback(
+    config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli_tasks, "show_task", raising(ScriptError("corrupt record")))
+
+    assert run(["--config", config, "task", "some-id"]) == 70
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: unexpected ScriptError: corrupt record")
+
+
+@pytest.mark.usefixtures("_root_log_level")
+def test_an_unexpected_error_line_masks_the_redis_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    config = write_config(tmp_path / "secret.toml", url, "secret")
+    monkeypatch.setattr(cli_tasks, "show_task", raising(RuntimeError(f"bad {url}; s3cret")))
+
+    assert run(["--config", str(config), "task", "some-id"]) == 70
+    err = capsys.readouterr().err
+    assert "s3cret" not in err
+    assert "redis://:***@127.0.0.1" in err
+
+
+@pytest.mark.usefixtures("_root_log_level")
+def test_an_unexpected_error_in_start_exits_70_and_logs_its_traceback(
+    config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import supervisor.app  # noqa: PLC0415 -- heavy, only this test needs it
+
+    def crashing_supervisor(settings: Settings, config_path: Path | None) -> int:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(supervisor.app, "run_supervisor", crashing_supervisor)
+    assert run(["start", "--config", config]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err  # start's log is the operators' record
+    assert err.splitlines()[-1] == "error: unexpected RuntimeError: boom"
