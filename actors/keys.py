@@ -31,6 +31,7 @@ class KeySpace:
         "gate_prefix",
         "gates",
         "governor_lock",
+        "history",
         "limits",
         "paused",
         "pending",
@@ -77,6 +78,8 @@ class KeySpace:
         self.reaper_lock = base + "lock:reaper"
         self.governor_lock = base + "lock:governor"
         self.events = base + "events"  # channel: JSON events
+        # Stream: recent events, one entry per script call (_lib.lua derives it from `events`).
+        self.history = self.events + ":history"
         self.done_prefix = base + "done:"  # channel per task: its final response
         self.wake = base + "wake"  # channel: tasks became claimable
 

@@ -85,6 +85,7 @@ class Reaper(Actor):
         await store.promote_due()
         await self._sweep()
         await self._prune_domains()
+        await store.keep_history(self.settings.events)
         if now < next_cleanup or not judging:
             return next_cleanup
         removed, forgotten = await store.cleanup()

@@ -22,7 +22,7 @@ from actors.exceptions import BackpressureException, DuplicateTaskException, Scr
 from actors.keys import KeySpace
 from actors.multiplexed import MultiplexedConnection
 from actors.ratelimits import politeness_fields
-from config.settings import Settings
+from config.settings import EventsSettings, Settings
 
 #: Scripts by name; a test checks that this matches the folder exactly.
 SCRIPT_NAMES = (
@@ -36,6 +36,7 @@ SCRIPT_NAMES = (
     "enqueue",
     "fail",
     "heartbeat",
+    "history",
     "lock",
     "mark_lost",
     "probe",
@@ -71,8 +72,19 @@ def bounded_error(error: str) -> str:
 
 
 def script_source(name: str) -> str:
+    """``_lib.lua``, then script ``name`` as a function whose return saves the call's history.
+
+    Wrapped so that every ``return`` of the script, wherever it is, goes
+    through ``save_history()`` (the call's events become one history entry).
+    """
     folder = resources.files("actors") / "lua"
-    return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+    body = (folder / f"{name}.lua").read_text()
+    return (
+        (folder / "_lib.lua").read_text()
+        + "\nlocal function run_script()\n"
+        + body
+        + "\nend\nlocal result = run_script()\nsave_history()\nreturn result\n"
+    )
 
 
 class EnqueueItem(NamedTuple):
@@ -139,6 +151,7 @@ SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
         "gates",
     ),
     "heartbeat": ("workers", "<worker>"),
+    "history": (),
     "lock": ("<lock>",),
     "mark_lost": ("workers",),
     "probe": (),
@@ -481,6 +494,11 @@ class TaskStore:
         for name, value in policy.items():
             args += [name, value]
         return int(await self._call("set_limits", args))
+
+    async def keep_history(self, events: EventsSettings) -> int:
+        """Create or trim the event history as ``[events]`` says (delete it at 0); its length."""
+        age_ms = int(events.history_max_age * 1000)
+        return int(await self._call("history", [events.history, age_ms]))
 
     async def recount_slots(self) -> int:
         """Set each domain's in-flight count from the running tasks; returns how many were wrong."""

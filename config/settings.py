@@ -209,6 +209,13 @@ class PolitenessSettings(_Section):
     forget_after: Seconds = 3600.0  # state of a domain idle this long is dropped
 
 
+class EventsSettings(_Section):
+    """The event history ``supervisor events --since`` replays (docs/events.md)."""
+
+    history: NonNegativeInt = 100000  # entries kept (one per script call that emits); 0 = none
+    history_max_age: Seconds = 3600.0  # entries older than this are dropped
+
+
 class SupervisorSettings(_Section):
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     restart_backoff_max: Seconds = 30.0
@@ -374,6 +381,7 @@ class Settings(BaseSettings):
     rate_limits: dict[RateKey, PositiveFloat] = Field(default_factory=dict)
     circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
     politeness: PolitenessSettings = Field(default_factory=PolitenessSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
     supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
 
     def __init__(self, **values: Any) -> None:

@@ -196,4 +196,5 @@ async def _connect_and_check(queue: RedisQueue, settings: Settings, url: str) ->
     epoch = EpochGuard(queue.connection, queue.keys)
     await epoch.establish()
     await queue.store.set_limits(settings)
+    await queue.store.keep_history(settings.events)
     return epoch

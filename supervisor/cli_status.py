@@ -11,14 +11,17 @@ import sys
 import time
 from typing import Any
 
+from actors import redis_errors
 from actors.connection import open_subscription
 from actors.exit_codes import CliExit
+from actors.history import EventDomains, EventHistory, event_filter
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.subscription import Message
 from config.settings import Settings
 from supervisor.cli_common import (
     Subcommands,
     backpressure_view,
+    eprint,
     format_time,
     positive_int,
     print_json,
@@ -31,6 +34,8 @@ logger = logging.getLogger(__name__)
 WATCH_INTERVAL = 1.0
 #: How long one poll of the event subscription blocks, so a stop is noticed promptly.
 POLL_SECONDS = 0.25
+#: Pause before reading the history again after Redis did not answer.
+RETRY_SECONDS = 1.0
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
@@ -54,13 +59,48 @@ def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
     events = commands.add_parser(
         "events",
         parents=[common],
-        help="follow the live event stream",
+        help="replay recent events and follow the live stream",
         description="Print one line per queue event (task.enqueued, task.started, "
-        "task.completed, worker.lost, ...) until Ctrl-C or SIGTERM, then exit 0.",
+        "task.completed, worker.lost, ...) until Ctrl-C or SIGTERM, then exit 0. "
+        "--since replays the event history first, then follows live with no gap "
+        "and no duplicate; filters combine (all must match).",
     )
     events.add_argument("--json", action="store_true", help="print each event as its JSON object")
     events.add_argument("--count", type=positive_int, metavar="N", help="exit 0 after N events")
+    events.add_argument(
+        "--since",
+        type=duration,
+        metavar="DURATION",
+        help="replay the history of the last DURATION first (30s, 10m, 2h; plain: seconds)",
+    )
+    events.add_argument("--task", metavar="ID", help="only events of this task")
+    events.add_argument("--worker", metavar="ID", help="only events of this worker")
+    events.add_argument(
+        "--type",
+        action="append",
+        metavar="EVENT",
+        dest="types",
+        help="only events of this type (task.failed, ...); repeatable",
+    )
+    events.add_argument("--domain", metavar="HOST", help="only events about this site")
     events.set_defaults(handler=follow_events)
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """An argparse type: ``30s``, ``10m``, ``2h``, ``1d`` or plain seconds, as seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 30s, 10m or 2h, got {text!r}"
+        ) from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
+    return seconds
 
 
 async def snapshot(queue: RedisQueue) -> dict[str, Any]:
@@ -173,27 +213,92 @@ def format_event(event: dict[str, Any]) -> str:
 
 async def follow_events(args: argparse.Namespace, settings: Settings) -> int:
     async with RedisQueue(settings) as queue:
-        feed = EventFeed()
-        subscription = open_subscription(
-            settings, "이벤트 스트림 구독", feed.on_message, feed.on_outage
-        )
-        try:
-            await subscription.subscribe(queue.keys.events)
-            logger.info("이벤트 스트림 구독 시작: %s", queue.keys.events)
-            with stop_on_signals() as stop:
-                seen = 0
-                while not stop.is_set() and (args.count is None or seen < args.count):
-                    event = await feed.next(POLL_SECONDS)
-                    if event is None:
-                        continue
-                    if args.json:
-                        print_json(event)
-                    else:
-                        print(format_event(event), flush=True)
-                    seen += 1
-        finally:
-            await subscription.close()
+        history = EventHistory(queue.connection, queue.keys)
+        printer = _EventPrinter(args, EventDomains(queue.connection, queue.keys))
+        if await history.kept():
+            await _follow_history(history, printer, args.since)
+            return CliExit.OK
+        if args.since is not None:
+            logger.error("이벤트 기록이 꺼져 있어 --since 를 쓸 수 없음")
+            eprint("error: --since needs the event history, which is off ([events] history = 0)")
+            return CliExit.USAGE
+        await _follow_live(settings, queue, printer)
     return CliExit.OK
+
+
+class _EventPrinter:
+    """Prints the events that pass ``supervisor events``' filters; counts toward ``--count``."""
+
+    def __init__(self, args: argparse.Namespace, domains: EventDomains) -> None:
+        self._matches = event_filter(
+            task=args.task, worker=args.worker, kinds=frozenset(args.types or ())
+        )
+        self._domain: str | None = args.domain
+        self._domains = domains
+        self._json: bool = args.json
+        self._left: int | None = args.count
+
+    @property
+    def done(self) -> bool:
+        return self._left is not None and self._left <= 0
+
+    async def show(self, event: dict[str, Any]) -> None:
+        if self.done or not self._matches(event):
+            return
+        if self._domain is not None and await self._domains.of(event) != self._domain:
+            return
+        if self._json:
+            print_json(event)
+        else:
+            print(format_event(event), flush=True)
+        if self._left is not None:
+            self._left -= 1
+
+
+async def _follow_history(
+    history: EventHistory, printer: _EventPrinter, since: float | None
+) -> None:
+    """Replay from ``since`` seconds ago (else from now), then follow, by entry id."""
+    last = await history.start_id(since) if since is not None else await history.last_id()
+    outage = False
+    with stop_on_signals() as stop:
+        while not stop.is_set() and not printer.done:
+            try:
+                entries = await history.wait_after(last, int(POLL_SECONDS * 1000))
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                if not outage:
+                    logger.warning(
+                        "이벤트 기록 읽기 실패, 마지막 위치 %s 부터 다시 시도: %s", last, exc
+                    )
+                    outage = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RETRY_SECONDS)
+                continue
+            if outage:
+                logger.info("이벤트 기록 읽기 복구: %s 다음부터 이어서 읽음", last)
+                outage = False
+            for entry_id, events in entries:
+                for event in events:
+                    await printer.show(event)
+                last = entry_id
+
+
+async def _follow_live(settings: Settings, queue: RedisQueue, printer: _EventPrinter) -> None:
+    """Follow the pub/sub channel (no history: what is published while it runs)."""
+    feed = EventFeed()
+    subscription = open_subscription(
+        settings, "이벤트 스트림 구독", feed.on_message, feed.on_outage
+    )
+    try:
+        await subscription.subscribe(queue.keys.events)
+        logger.info("이벤트 스트림 구독 시작: %s", queue.keys.events)
+        with stop_on_signals() as stop:
+            while not stop.is_set() and not printer.done:
+                event = await feed.next(POLL_SECONDS)
+                if event is not None:
+                    await printer.show(event)
+    finally:
+        await subscription.close()
 
 
 class EventFeed:

@@ -82,11 +82,53 @@ local function events_wanted()
   return events_heard
 end
 
+-- Event history (docs/events.md): besides pub/sub, the events of one script
+-- call are kept as one entry of a stream, EVENTS .. ':history' (field `e`:
+-- one event's JSON, or a JSON array of them, in order), written in the same
+-- script as the change they announce. One entry per call, not per event: a
+-- claim or completion of 50 tasks costs one XADD. The stream's existence is
+-- the switch: `supervisor start` creates it when `[events] history` > 0 and
+-- the reaper trims it by count and age (history.lua). store.py wraps every
+-- script so that save_history() runs when it returns.
+local HISTORY = EVENTS .. ':history'
+local history_on = nil
+local history = {}
+
+local function history_kept()
+  if history_on == nil then
+    history_on = redis.call('EXISTS', HISTORY) == 1
+  end
+  return history_on
+end
+
+-- Keep an event's JSON text for this call's history entry.
+local function keep(text)
+  if history_kept() then
+    history[#history + 1] = text
+  end
+end
+
+local function save_history()
+  if #history == 1 then
+    redis.pcall('XADD', HISTORY, '*', 'e', history[1])  -- never abort: history only
+  elseif #history > 1 then
+    redis.pcall('XADD', HISTORY, '*', 'e', '[' .. table.concat(history, ',') .. ']')
+  end
+  history = {}
+end
+
 local function emit(name, now, fields)
-  if events_wanted() then
+  local heard, kept = events_wanted(), history_kept()
+  if heard or kept then
     fields.event = name
     fields.ts = now / 1000
-    publish(EVENTS, cjson.encode(fields))
+    local text = cjson.encode(fields)
+    if heard then
+      publish(EVENTS, text)
+    end
+    if kept then
+      history[#history + 1] = text
+    end
   end
 end
 

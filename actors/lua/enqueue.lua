@@ -132,9 +132,13 @@ for _, base in ipairs(fresh) do
     ready[#ready + 1] = id
   end
   -- Ids match REQUEST_ID_PATTERN (checked by the client): no JSON escaping needed.
-  if events_wanted() then
-    publish(EVENTS,
-      '{"event":"task.enqueued","ts":' .. (now / 1000) .. ',"request_id":"' .. id .. '"}')
+  local heard, kept = events_wanted(), history_kept()
+  if heard or kept then
+    local text = '{"event":"task.enqueued","ts":' .. (now / 1000) .. ',"request_id":"' .. id .. '"}'
+    if heard then
+      publish(EVENTS, text)
+    end
+    keep(text)
   end
 end
 -- In slices: unpack() puts every argument on Lua's stack, which holds ~8,000.
