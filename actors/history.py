@@ -38,7 +38,27 @@ def parse_entry(fields: list[bytes]) -> list[Event]:
         logger.warning("해석할 수 없는 이벤트 기록 무시: %r", raw[:200])
         return []
     items = decoded if isinstance(decoded, list) else [decoded]
-    return [item for item in items if isinstance(item, dict)]
+    events: list[Event] = []
+    for item in items:
+        if isinstance(item, dict):
+            events.extend(_expand(item) if "request_ids" in item else [item])
+    return events
+
+
+def _expand(batch: Event) -> list[Event]:
+    """The events of one per-call batch of a per-task event (``_lib.lua``'s emit_task)."""
+    ids, attempts = batch.get("request_ids"), batch.get("attempts")
+    if not isinstance(ids, list) or not isinstance(attempts, list):
+        return []
+    common = {
+        "event": batch.get("event"),
+        "ts": batch.get("ts"),
+        "worker_id": batch.get("worker_id"),
+    }
+    return [
+        {**common, "request_id": request_id, "attempt": attempt}
+        for request_id, attempt in zip(ids, attempts, strict=False)
+    ]
 
 
 def _entries(reply: list[Any] | None) -> list[tuple[str, list[Event]]]:

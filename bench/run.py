@@ -52,8 +52,9 @@ from supervisor.redis_server import find_redis_server
 SYSTEMS = ("scrapeq", *PEERS)
 #: Run only when named in --systems: scrapeq with every noop task on one of
 #: 100 sites, with politeness on as by default and with it off (issue #14:
-#: its cost, told apart from the cost of naming a domain).
-OPT_IN_SYSTEMS = ("scrapeq-domains", "scrapeq-domains-off")
+#: its cost, told apart from the cost of naming a domain), and scrapeq without
+#: the event history (issue #16: its cost).
+OPT_IN_SYSTEMS = ("scrapeq-domains", "scrapeq-domains-off", "scrapeq-history-off")
 DOMAINS = 100
 SCRAPEQ_ONLY = frozenset({"waiters", "memory"})
 #: Run only when named in --workloads: the curve wants a many-core machine.
@@ -193,6 +194,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def target_for(system: str, args: argparse.Namespace) -> Target:
     if system == "scrapeq":
         return Target(partial(ScrapeqAdapter, profile=args.profile), args.redis_server)
+    if system == "scrapeq-history-off":
+        return Target(
+            partial(ScrapeqAdapter, profile=args.profile, history=False), args.redis_server
+        )
     if system in OPT_IN_SYSTEMS:
         polite = system == "scrapeq-domains"
         adapter = partial(ScrapeqAdapter, profile=args.profile, domains=DOMAINS, polite=polite)

@@ -121,16 +121,21 @@ class ScrapeqAdapter(Adapter[str]):
         self,
         url: str,
         workdir: Path,
+        *,
         profile: Path | None = None,
         domains: int = 0,
         polite: bool = True,
+        history: bool = True,
     ) -> None:
         super().__init__(url, workdir)
         self.profile = profile
         self.domains = domains  # > 0: noop tasks name one of this many sites (politeness)
         self.polite = polite  # False: [politeness] off, to tell its cost from the domain's
+        self.history = history  # False: no event history, to tell its cost (issue #16)
         if domains:
             self.name = "scrapeq-domains" if polite else "scrapeq-domains-off"
+        if not history:
+            self.name = "scrapeq-history-off"
         self._queue: RedisQueue | None = None
 
     @property
@@ -151,8 +156,12 @@ class ScrapeqAdapter(Adapter[str]):
             )
         self._queue = RedisQueue(settings)
         await self._queue.connect()
-        # What `supervisor start` publishes: the breaker and politeness settings.
+        # What `supervisor start` publishes: the breaker and politeness settings,
+        # and the event history it keeps.
         await self._queue.store.set_limits(settings)
+        await self._queue.store.keep_history(
+            settings.events if self.history else settings.events.model_copy(update={"history": 0})
+        )
 
     async def close(self) -> None:
         if self._queue is not None:

@@ -108,7 +108,41 @@ local function keep(text)
   end
 end
 
+-- The per-task events a call sends many of (task.started in a claim,
+-- task.completed in a completion) are kept as one object per call and name:
+-- {"event", "ts", "worker_id", "request_ids": [...], "attempts": [...]},
+-- which readers expand into one event per task (actors/history.py): per task
+-- it costs a table insert, not a JSON encoding (W1 measured 0.88x without).
+-- Pub/sub still gets one message per event. Ids match REQUEST_ID_PATTERN:
+-- they need no JSON escaping.
+local task_batches, task_batch_names = {}, {}
+
+local function emit_task(name, now, id, worker, attempt)
+  if events_wanted() then
+    publish(EVENTS, cjson.encode(
+      {event = name, ts = now / 1000, request_id = id, worker_id = worker, attempt = attempt}))
+  end
+  if history_kept() then
+    local batch = task_batches[name]
+    if not batch then
+      batch = {ts = now / 1000, worker = worker, ids = {}, attempts = {}}
+      task_batches[name] = batch
+      task_batch_names[#task_batch_names + 1] = name
+    end
+    batch.ids[#batch.ids + 1] = id
+    batch.attempts[#batch.attempts + 1] = attempt
+  end
+end
+
 local function save_history()
+  for _, name in ipairs(task_batch_names) do
+    local batch = task_batches[name]
+    history[#history + 1] = '{"event":"' .. name .. '","ts":' .. batch.ts
+      .. ',"worker_id":' .. cjson.encode(batch.worker)
+      .. ',"request_ids":["' .. table.concat(batch.ids, '","')
+      .. '"],"attempts":[' .. table.concat(batch.attempts, ',') .. ']}'
+  end
+  task_batches, task_batch_names = {}, {}
   if #history == 1 then
     redis.pcall('XADD', HISTORY, '*', 'e', history[1])  -- never abort: history only
   elseif #history > 1 then

@@ -91,7 +91,7 @@ local function start(id, f, slot)
       'started_at', now)
   end
   redis.call('ZADD', KEYS[2], now + lease_ms, id)
-  emit('task.started', now, {request_id = id, worker_id = worker, attempt = attempt})
+  emit_task('task.started', now, id, worker, attempt)
   out[#out + 1] = id
   out[#out + 1] = attempt
   out[#out + 1] = request

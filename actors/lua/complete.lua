@@ -48,7 +48,7 @@ for i = 1, n do
       end
     end
     finish(id, 'completed', ARGV[base + 3], nil, ARGV[base + 4], now, ttl_ms)
-    emit('task.completed', now, {request_id = id, worker_id = worker, attempt = tonumber(attempt)})
+    emit_task('task.completed', now, id, worker, tonumber(attempt))
     done = done + 1
     codes[i] = 1
   else
