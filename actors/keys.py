@@ -33,6 +33,8 @@ class KeySpace:
         "governor_lock",
         "history",
         "limits",
+        "metrics",
+        "metrics_lock",
         "paused",
         "pending",
         "politeness",
@@ -77,9 +79,12 @@ class KeySpace:
         self.politeness = base + "rl:polite"  # hash: cap, cap:<rate key>, adaptive, ...
         self.reaper_lock = base + "lock:reaper"
         self.governor_lock = base + "lock:governor"
+        self.metrics_lock = base + "lock:metrics"  # which /metrics exports the queue-wide metrics
         self.events = base + "events"  # channel: JSON events
         # Stream: recent events, one entry per script call (_lib.lua derives it from `events`).
         self.history = self.events + ":history"
+        # Hash: latency buckets and outcomes per script, ever (_lib.lua, "Latency").
+        self.metrics = base + "metrics"
         self.done_prefix = base + "done:"  # channel per task: its final response
         self.wake = base + "wake"  # channel: tasks became claimable
 
@@ -92,6 +97,10 @@ class KeySpace:
         The scripts build the same name: ``domains`` + ``":"`` + the rate key.
         """
         return f"{self.domains}:{rate_key}"
+
+    def metrics_minute(self, minute: int) -> str:
+        """Hash of one minute's (Unix ms // 60000) latency buckets and outcomes, kept 65 min."""
+        return f"{self.metrics}:{minute}"
 
     def worker(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id

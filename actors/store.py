@@ -75,7 +75,8 @@ def script_source(name: str) -> str:
     """``_lib.lua``, then script ``name`` as a function whose return saves the call's history.
 
     Wrapped so that every ``return`` of the script, wherever it is, goes
-    through ``save_history()`` (the call's events become one history entry).
+    through ``save_history()`` (the call's events become one history entry)
+    and ``save_metrics()`` (its latency and outcome counts, one write a field).
     """
     folder = resources.files("actors") / "lua"
     body = (folder / f"{name}.lua").read_text()
@@ -83,7 +84,7 @@ def script_source(name: str) -> str:
         (folder / "_lib.lua").read_text()
         + "\nlocal function run_script()\n"
         + body
-        + "\nend\nlocal result = run_script()\nsave_history()\nreturn result\n"
+        + "\nend\nlocal result = run_script()\nsave_history()\nsave_metrics()\nreturn result\n"
     )
 
 

@@ -17,6 +17,7 @@ from actors.exit_codes import CliExit
 from actors.history import EventDomains, EventHistory, event_filter
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.subscription import Message
+from actors.telemetry import QueueTelemetry
 from config.settings import Settings
 from supervisor.cli_common import (
     Subcommands,
@@ -44,9 +45,9 @@ def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
         "status",
         parents=[common],
         help="show queue depths, workers and backpressure",
-        description="Show queue depths and totals, every known worker and the backpressure "
-        "state. --json prints one object with 'queue', 'workers', 'backpressure', "
-        "'paused_keys' and 'domains'.",
+        description="Show queue depths and totals, throughput, latency percentiles, every "
+        "known worker and the backpressure state. --json prints one object with 'queue', "
+        "'workers', 'backpressure', 'paused_keys', 'domains', 'latency' and 'throughput'.",
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument(
@@ -111,6 +112,7 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
     domains = await manager.domains()
     workers = await WorkerMonitor(queue).get_active_workers()
     fields = await manager.backpressure_fields()
+    recent = await QueueTelemetry(queue.connection, queue.keys).recent()
     for worker in workers:
         worker.setdefault("pid", None)
         worker.setdefault("host", None)
@@ -120,6 +122,8 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
         "backpressure": backpressure_view(fields, stats["pending"]),
         "paused_keys": paused,
         "domains": domains,
+        "latency": recent["latency"],
+        "throughput": recent["throughput"],
     }
 
 
@@ -131,11 +135,31 @@ def _rate(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:.3g}"
 
 
+def format_seconds(seconds: float | None) -> str:
+    """A latency for people: ``-``, ``850ms``, ``2.5s``, ``3.2m``."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def format_percentiles(values: dict[str, float | None]) -> str:
+    return " ".join(f"{name} {format_seconds(value)}" for name, value in values.items())
+
+
 def print_snapshot(state: dict[str, Any]) -> None:
     queue, backpressure = state["queue"], state["backpressure"]
     print_table(list(queue), [list(queue.values())])
     rate = f", rate {backpressure['rate']}/s" if "rate" in backpressure else ""
     print(f"\nbackpressure: {backpressure['state']} (depth {backpressure['depth']}{rate})")
+    flow = state["throughput"]
+    print(
+        f"throughput/s: started {flow['started_per_s']:g}, completed {flow['completed_per_s']:g}, "
+        f"failed {flow['failed_per_s']:g} (last minute)"
+    )
+    for name, shown in (("queue_wait", "queue wait"), ("execution", "execution")):
+        print(f"{shown} (last 5 min): {format_percentiles(state['latency'][name])}")
     if state["paused_keys"]:
         paused = ", ".join(f"{key} ({left:.0f}s)" for key, left in state["paused_keys"].items())
         print(f"paused rate keys: {paused}")

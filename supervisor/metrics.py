@@ -1,27 +1,45 @@
-"""Prometheus ``/metrics``: queue depths, task totals, workers and backpressure, read per scrape.
+"""Prometheus ``/metrics``: queue depths, task totals, latency, workers and backpressure.
 
 prometheus-client runs collectors in its HTTP server's own thread, where no
 event loop runs. A scrape hands :func:`read_queue` to the supervisor's loop
 (``run_coroutine_threadsafe``) and waits for it there, so ``/metrics`` reads
 Redis through the supervisor's own connection and the very code ``supervisor
 status`` uses (``TaskManager.queue_stats``), not a client of its own.
+
+Every host runs ``supervisor start`` with an endpoint of its own. What is read
+from Redis describes the whole queue, so it is exported by one endpoint only:
+the one whose supervisor holds the exporter lease (``metrics_lock``, taken and
+renewed by its scrapes; another takes over within ``EXPORTER_LEASE`` of its
+last). Each endpoint says whether it is the one (``scrapeq_queue_exporter``).
+What belongs to one process (``scrapeq_restarts_total``, ``scrapeq_redis_up``)
+every endpoint exports: Prometheus sums those.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_wsgi_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, start_wsgi_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from actors.exceptions import QueueError
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
+from actors.telemetry import LATENCY_BUCKETS, QueueTelemetry, ScriptTotals
 from config.settings import Settings
 from supervisor.cli_common import BACKPRESSURE_STATES, backpressure_view
 
@@ -36,6 +54,13 @@ DOMAIN_LABELS = 10
 THROTTLE_REASONS = ("rate_limited", "unavailable")
 #: The monotonic totals reported as ``scrapeq_tasks_total{outcome}``.
 OUTCOMES = ("completed", "failed", "cancelled", "enqueued")
+#: How long an endpoint stays the one that exports the queue's metrics after its last scrape.
+EXPORTER_LEASE = 60.0
+
+#: Actor restarts by this supervisor, by kind (worker, heartbeat, reaper, governor).
+RESTARTS = Counter(
+    "scrapeq_restarts", "Actor processes this supervisor restarted", ["actor"], registry=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +72,24 @@ class QueueReading:
     repaired: int  # task records the reaper's sweep found in no queue set
     domain_rates: dict[str, float]  # the rate in force of the domains reported (bounded)
     throttled: dict[str, int]  # 429/503 answers by reason, since the queue was created
+    scripts: dict[str, ScriptTotals]  # latency buckets and outcomes per script
 
 
-async def read_queue(queue: RedisQueue) -> QueueReading:
-    """Everything one scrape reports (a worker is inactive once its heartbeat is overdue)."""
+async def read_queue(queue: RedisQueue, exporter_id: str) -> QueueReading | None:
+    """Everything one scrape reports, or None when another endpoint exports the queue.
+
+    A worker is inactive once its heartbeat is overdue.
+    """
+    if not await queue.store.hold_lock(queue.keys.metrics_lock, exporter_id, EXPORTER_LEASE):
+        return None
     manager = TaskManager(queue)
-    stats, pressure, workers, domains, throttled = await asyncio.gather(
+    stats, pressure, workers, domains, throttled, scripts = await asyncio.gather(
         manager.queue_stats(),
         manager.backpressure_fields(),
         WorkerMonitor(queue).liveness(),
         manager.domains(),
         manager.throttled(THROTTLE_REASONS),
+        QueueTelemetry(queue.connection, queue.keys).totals(),
     )
     # A bounded label set: the busiest domains first, then those held lowest.
     limited = [d for d in domains if d["rate"] is not None]
@@ -70,6 +102,7 @@ async def read_queue(queue: RedisQueue) -> QueueReading:
         repaired=stats["repaired"],
         domain_rates={d["domain"]: d["rate"] for d in limited[:DOMAIN_LABELS]},
         throttled=throttled,
+        scripts=scripts,
     )
 
 
@@ -79,10 +112,13 @@ class QueueCollector(Collector):
     def __init__(self, queue: RedisQueue, loop: asyncio.AbstractEventLoop) -> None:
         self._queue = queue
         self._loop = loop
+        self._exporter_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("scrapeq_redis_up", "Whether this scrape could read Redis")
-        future = asyncio.run_coroutine_threadsafe(read_queue(self._queue), self._loop)
+        future = asyncio.run_coroutine_threadsafe(
+            read_queue(self._queue, self._exporter_id), self._loop
+        )
         try:
             reading = future.result(REDIS_TIMEOUT)
         except (QueueError, concurrent.futures.TimeoutError) as exc:
@@ -93,6 +129,15 @@ class QueueCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
+        yield GaugeMetricFamily(
+            "scrapeq_queue_exporter",
+            "1 on the one endpoint that exports the queue-wide metrics, else 0",
+            value=0 if reading is None else 1,
+        )
+        if reading is not None:
+            yield from self._queue_families(reading)
+
+    def _queue_families(self, reading: QueueReading) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "scrapeq_queue_depth", "Tasks currently in each state", labels=["state"]
         )
@@ -132,6 +177,7 @@ class QueueCollector(Collector):
         for status, value in reading.workers.items():
             workers.add_metric([status], value)
         yield workers
+        yield from _latency_families(reading.scripts)
         state = reading.backpressure["state"]
         if state in BACKPRESSURE_STATES:
             yield GaugeMetricFamily(
@@ -141,6 +187,39 @@ class QueueCollector(Collector):
             )
         else:
             logger.warning("알 수 없는 백프레셔 상태: %s", state)
+
+
+def _latency_families(scripts: dict[str, ScriptTotals]) -> Iterator[Metric]:
+    """The latency histograms and outcome counters per script, from the counts in Redis."""
+    bounds = [f"{le:g}" for le in LATENCY_BUCKETS] + ["+Inf"]
+    wait = HistogramMetricFamily(
+        "scrapeq_queue_wait_seconds",
+        "Time from ready (enqueued, retry due, handed back) to started, per start",
+        labels=["script"],
+    )
+    duration = HistogramMetricFamily(
+        "scrapeq_task_duration_seconds",
+        "Execution time of each attempt that ended (completed or failed)",
+        labels=["script"],
+    )
+    outcomes = CounterMetricFamily(
+        "scrapeq_script_tasks",
+        "Attempts per script by outcome: started, completed, failed (for good), retried",
+        labels=["script", "outcome"],
+    )
+    for script, totals in sorted(scripts.items()):
+        for family, counts, total in (
+            (wait, totals.wait, totals.wait_sum),
+            (duration, totals.execution, totals.execution_sum),
+        ):
+            family.add_metric(
+                [script], list(zip(bounds, itertools.accumulate(counts), strict=True)), total
+            )
+        for outcome, value in totals.outcomes.items():
+            outcomes.add_metric([script, outcome], value)
+    yield wait
+    yield duration
+    yield outcomes
 
 
 class MetricsServer:
@@ -156,6 +235,7 @@ class MetricsServer:
         """Serve on ``host:port``; port 0 binds a free port (see :attr:`port`)."""
         registry = CollectorRegistry()
         registry.register(QueueCollector(queue, loop))
+        registry.register(RESTARTS)
         self._server, self._thread = start_wsgi_server(port, host, registry)
         self.host = host
         self.port: int = self._server.server_port

@@ -39,6 +39,7 @@ from actors.reachability import RedisReachability
 from actors.runtime import ActorSpec
 from actors.worker import AFTER_DRAIN
 from config.settings import ConfigError, Settings
+from supervisor.metrics import RESTARTS
 from supervisor.notify import ProgressWatchdog, SystemdNotifier
 from supervisor.process_backend import ChildProcess, ProcessBackend
 from supervisor.redis_checks import EpochGuard
@@ -324,6 +325,7 @@ class ProcessTree:
         previous = self._previous_ids.get(name)
         self._previous_ids[name] = spec.actor_id
         if previous is not None:
+            RESTARTS.labels(spec.kind).inc()
             self._in_background(self._announce_restart(previous, spec.actor_id, spec.kind))
 
     def _post_exit(self, actor_id: str, code: int) -> None:
@@ -404,7 +406,9 @@ class ProcessTree:
         """Publish ``worker.restarted`` on the event stream (``supervisor events``).
 
         Every actor kind, not only workers (``kind`` says which): a reaper or
-        governor that keeps restarting is as telling as a worker.
+        governor that keeps restarting is as telling as a worker. It changes
+        no state in Redis, so it is kept in the history (when that is on) by
+        this call, not by a script.
         """
         event = {
             "event": "worker.restarted",
@@ -414,10 +418,11 @@ class ProcessTree:
             "kind": kind,
         }
         try:
+            text, keys = json.dumps(event), self._queue.keys
             with translated_errors():
-                await self._queue.connection.execute(
-                    "PUBLISH", self._queue.keys.events, json.dumps(event)
-                )
+                await self._queue.connection.execute("PUBLISH", keys.events, text)
+                if await self._queue.connection.execute("EXISTS", keys.history):
+                    await self._queue.connection.execute("XADD", keys.history, "*", "e", text)
         except QueueConnectionException as exc:
             logger.debug("worker.restarted 이벤트 발행 실패: %s", exc)
 

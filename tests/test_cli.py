@@ -155,7 +155,15 @@ async def test_status_json_reports_counts_workers_and_default_backpressure(
 
     assert await cli("--config", config, "status", "--json") == 0
     state = json.loads(capsys.readouterr().out)
-    assert set(state) == {"queue", "workers", "backpressure", "paused_keys", "domains"}
+    assert set(state) == {
+        "queue",
+        "workers",
+        "backpressure",
+        "paused_keys",
+        "domains",
+        "latency",
+        "throughput",
+    }
     assert {k: state["queue"][k] for k in ("pending", "running", "retrying", "dead_letter")} == {
         "pending": 2,
         "running": 1,

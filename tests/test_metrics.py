@@ -175,3 +175,21 @@ async def test_metrics_server_listens_on_the_configured_port(
         assert ("scrapeq_redis_up", 1.0) in [(n, v) for (n, _), v in (await scrape(port)).items()]
     finally:
         await asyncio.to_thread(metrics.close)
+
+
+async def test_only_one_endpoint_exports_the_queue_wide_metrics(
+    server: MetricsServer, queue: RedisQueue
+) -> None:
+    """Two hosts, one queue: summing their endpoints must not count the queue twice."""
+    other = MetricsServer(queue, asyncio.get_running_loop(), host="127.0.0.1", port=0)
+    try:
+        first = await scrape(server.port)
+        second = await scrape(other.port)
+    finally:
+        await asyncio.to_thread(other.close)
+
+    assert first[("scrapeq_queue_exporter", ())] == 1
+    assert ("scrapeq_queue_depth", (("state", "pending"),)) in first
+    assert second[("scrapeq_queue_exporter", ())] == 0
+    assert second[("scrapeq_redis_up", ())] == 1
+    assert not any(name == "scrapeq_queue_depth" for name, _ in second)

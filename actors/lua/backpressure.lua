@@ -7,7 +7,8 @@
 -- ARGV[7] admitted rate (tasks/s)
 -- ARGV[8] drain rate (tasks/s)
 --
--- A change of state publishes backpressure.changed.
+-- A change of state publishes backpressure.changed. The depth is also kept as
+-- the minute's `depth` (the dashboard's depth over the last hour; _lib.lua).
 -- Returns the previous state ("" if none was published).
 
 local state = ARGV[5]
@@ -15,6 +16,9 @@ local now = now_ms()
 local previous = redis.call('HGET', KEYS[1], 'state') or ''
 redis.call('HSET', KEYS[1], 'state', state, 'depth', ARGV[6], 'rate', ARGV[7],
   'drain', ARGV[8], 'updated_at', now)
+local minute = BASE .. 'metrics:' .. math.floor(now / 60000)
+redis.pcall('HSET', minute, 'depth', ARGV[6])
+redis.pcall('PEXPIRE', minute, MINUTES_KEPT_MS)
 if previous ~= state then
   if state == 'throttled' then
     redis.call('HDEL', KEYS[1], 'tokens', 'tokens_at')  -- a fresh bucket

@@ -51,7 +51,7 @@ end
 promote_due(KEYS[1], KEYS[3], promote_limit, now)
 
 -- The fields a claim reads of each candidate task, in one HMGET.
-local RECORD_FIELDS = {'request', 'expires_at', 'rate_keys', 'attempt'}
+local RECORD_FIELDS = {'request', 'expires_at', 'rate_keys', 'attempt', 'ready_at', 'enqueued_at'}
 
 local out = {-1}
 local claimed = 0
@@ -83,13 +83,18 @@ local function start(id, f, slot)
   -- A task that names a domain has `slot` written on every start ('' = none),
   -- so a slot an earlier attempt took is never given back twice (free_slot
   -- runs once per attempt, on its way out of `running`).
+  -- `script` names the task's script for the scripts that end the attempt
+  -- (their latency and outcome counts), without reading the request again.
+  local script = script_of(request)
   if slot or is_domain(f[3] or '') then
     redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
-      'started_at', now, 'slot', slot or '')
+      'started_at', now, 'script', script, 'slot', slot or '')
   else
     redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
-      'started_at', now)
+      'started_at', now, 'script', script)
   end
+  observe('w', script, now - num(f[5] or f[6], now), now)
+  count_outcome(script, 'started', now)
   redis.call('ZADD', KEYS[2], now + lease_ms, id)
   emit_task('task.started', now, id, worker, attempt)
   out[#out + 1] = id

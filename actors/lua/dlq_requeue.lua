@@ -40,7 +40,7 @@ for _, id in ipairs(ids) do
   end
   if was_dead and redis.call('HGET', key, 'status') == 'failed' then
     redis.call('PERSIST', key)
-    redis.call('HSET', key, 'status', 'pending', 'attempt', 0)
+    redis.call('HSET', key, 'status', 'pending', 'attempt', 0, 'ready_at', now)
     redis.call('HDEL', key, 'response', 'finished_at', 'worker')
     redis.call('ZADD', KEYS[2], score_of(id), id)
     emit('task.enqueued', now, {request_id = id, reason = 'dlq_retry'})

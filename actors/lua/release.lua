@@ -50,10 +50,10 @@ for i = 1, n do
     redis.call('HSET', key, 'attempt', tonumber(attempt) - 1)
     redis.call('HDEL', key, 'worker')
     if delay > 0 then
-      redis.call('HSET', key, 'status', 'retrying')
+      redis.call('HSET', key, 'status', 'retrying', 'ready_at', now + delay)
       redis.call('ZADD', KEYS[3], now + delay, id)
     else
-      redis.call('HSET', key, 'status', 'pending')
+      redis.call('HSET', key, 'status', 'pending', 'ready_at', now)
       redis.call('ZADD', KEYS[2], score_of(id), id)
     end
     emit('task.requeued', now, {request_id = id, worker_id = worker, reason = reason})

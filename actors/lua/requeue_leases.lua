@@ -47,7 +47,7 @@ for _, id in ipairs(ids) do
       emit('task.failed', now, {request_id = id, worker_id = f[4], attempt = tonumber(f[2]), error = err})
       dead = dead + 1
     else
-      redis.call('HSET', key, 'status', 'pending')
+      redis.call('HSET', key, 'status', 'pending', 'ready_at', now)
       redis.call('HDEL', key, 'worker')
       redis.call('ZADD', KEYS[2], tonumber(f[5]) or 0, id)
       emit('task.requeued', now, {request_id = id, worker_id = f[4], reason = 'lease_expired'})
