@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
@@ -43,6 +43,7 @@ SCRIPT_NAMES = (
     "promote",
     "prune_domains",
     "recount_slots",
+    "record_metrics",
     "release",
     "renew",
     "repair",
@@ -75,8 +76,7 @@ def script_source(name: str) -> str:
     """``_lib.lua``, then script ``name`` as a function whose return saves the call's history.
 
     Wrapped so that every ``return`` of the script, wherever it is, goes
-    through ``save_history()`` (the call's events become one history entry)
-    and ``save_metrics()`` (its latency and outcome counts, one write a field).
+    through ``save_history()`` (the call's events become one history entry).
     """
     folder = resources.files("actors") / "lua"
     body = (folder / f"{name}.lua").read_text()
@@ -84,7 +84,7 @@ def script_source(name: str) -> str:
         (folder / "_lib.lua").read_text()
         + "\nlocal function run_script()\n"
         + body
-        + "\nend\nlocal result = run_script()\nsave_history()\nsave_metrics()\nreturn result\n"
+        + "\nend\nlocal result = run_script()\nsave_history()\nreturn result\n"
     )
 
 
@@ -159,6 +159,7 @@ SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
     "promote": ("pending", "delayed"),
     "prune_domains": ("domains", "rate_state", "paused", "breaker", "limits"),
     "recount_slots": ("running", "domains", "gates"),
+    "record_metrics": ("metrics",),
     "release": (
         "running",
         "pending",
@@ -215,6 +216,7 @@ class Lease:
     request_id: str
     attempt: int
     request_json: bytes
+    queued: float = 0.0  # seconds it waited since it last became claimable
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,8 +305,8 @@ class TaskStore:
             ],
         )
         leases = [
-            Lease(reply[i].decode(), int(reply[i + 1]), reply[i + 2])
-            for i in range(1, len(reply), 3)
+            Lease(reply[i].decode(), int(reply[i + 1]), reply[i + 2], int(reply[i + 3]) / 1000)
+            for i in range(1, len(reply), 4)
         ]
         return ClaimResult(leases, int(reply[0]))
 
@@ -500,6 +502,16 @@ class TaskStore:
         """Create or trim the event history as ``[events]`` says (delete it at 0); its length."""
         age_ms = int(events.history_max_age * 1000)
         return int(await self._call("history", [events.history, age_ms]))
+
+    async def record_metrics(self, totals: Mapping[str, int], minute: Mapping[str, int]) -> int:
+        """Add counts to the metrics hash and to this minute's (``TelemetryBatch``)."""
+        args: list[Any] = [len(totals)]
+        for name, count in totals.items():
+            args += [name, count]
+        args.append(len(minute))
+        for name, count in minute.items():
+            args += [name, count]
+        return int(await self._call("record_metrics", args))
 
     async def recount_slots(self) -> int:
         """Set each domain's in-flight count from the running tasks; returns how many were wrong."""

@@ -1,15 +1,23 @@
-"""Latency and throughput from the counts the scripts keep (``_lib.lua``, "Latency").
+"""Latency and throughput: counted by the workers, kept in Redis, read by status and /metrics.
 
-Two structures, both written by the scripts that start and end attempts:
-``KeySpace.metrics`` (per script, since the queue was created: the Prometheus
-histograms and counters) and one hash per minute, kept 65 minutes (status,
-``status --watch`` and the dashboard). Percentiles are estimated from the
-bucket counts as Prometheus' ``histogram_quantile`` does: linearly inside the
-bucket that holds the rank.
+Each worker counts the queue wait of every task it starts (the claim says
+how long the task waited since it last became claimable) and the execution
+time and outcome of every attempt it ends, in fixed buckets, per script
+(:class:`TelemetryBatch`), and adds its counts up in Redis about once a
+second (``record_metrics.lua``), in two structures: ``KeySpace.metrics`` (per
+script, since the queue was created: the Prometheus histograms and counters)
+and one hash per minute, kept 65 minutes (status, ``status --watch`` and the
+dashboard). Counting in the worker costs the scripts nothing per task; a
+worker killed loses at most its last second of counts (its tasks run again
+and are counted then). Percentiles are estimated from the bucket counts as
+Prometheus' ``histogram_quantile`` does: linearly inside the bucket that
+holds the rank.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +26,7 @@ from actors.connection import translated_errors
 from actors.keys import KeySpace
 from actors.multiplexed import MultiplexedConnection
 
-#: Upper bounds (seconds) of the latency buckets; a last one, +Inf, follows.
-#: Must match LATENCY_BUCKETS_MS in _lib.lua (a test checks).
+#: Upper bounds (seconds) of the latency buckets, suited to scraping; a last one, +Inf, follows.
 LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 600.0,
 )  # fmt: skip
@@ -28,6 +35,95 @@ OUTCOMES = ("started", "completed", "failed", "retried")
 #: Minutes the per-minute hashes are kept (status reads at most this many).
 MINUTES_KEPT = 65
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+
+
+def bucket_of(seconds: float) -> int:
+    """The 1-based bucket of a latency (``len(LATENCY_BUCKETS) + 1``: +Inf)."""
+    return bisect.bisect_left(LATENCY_BUCKETS, seconds) + 1
+
+
+class _Tally:
+    """One script's counts in a batch (field names are built once, when recorded)."""
+
+    __slots__ = ("execution", "execution_us", "outcomes", "wait", "wait_us")
+
+    def __init__(self) -> None:
+        size = len(LATENCY_BUCKETS) + 1
+        self.wait, self.execution = [0] * size, [0] * size
+        self.wait_us = self.execution_us = 0
+        self.outcomes: Counter[str] = Counter()
+
+
+class TelemetryBatch:
+    """A worker's counts since it last recorded them (``TaskStore.record_metrics``).
+
+    Per task it costs a bisect and a few additions (no strings built): the
+    worker's CPU is the dispatch rate's limit.
+    """
+
+    def __init__(self) -> None:
+        self._scripts: dict[str, _Tally] = {}
+
+    def _tally(self, script: str) -> _Tally:
+        tally = self._scripts.get(script)
+        if tally is None:
+            tally = self._scripts[script] = _Tally()
+        return tally
+
+    def started(self, script: str, queued: float) -> None:
+        tally = self._tally(script)
+        queued = max(0.0, queued)
+        tally.wait[bucket_of(queued) - 1] += 1
+        tally.wait_us += round(queued * 1e6)
+        tally.outcomes["started"] += 1
+
+    def ended(self, script: str, execution: float) -> None:
+        """An attempt ended after ``execution`` seconds (its outcome is counted apart)."""
+        tally = self._tally(script)
+        execution = max(0.0, execution)
+        tally.execution[bucket_of(execution) - 1] += 1
+        tally.execution_us += round(execution * 1e6)
+
+    def outcome(self, script: str, outcome: str) -> None:
+        self._tally(script).outcomes[outcome] += 1
+
+    def fields(self) -> tuple[dict[str, int], dict[str, int]]:
+        """The fields to add to the metrics hash (sums in µs) and to this minute's hash."""
+        totals: Counter[str] = Counter()
+        minute: Counter[str] = Counter()
+        for script, tally in self._scripts.items():
+            for kind, buckets, total_us in (
+                ("w", tally.wait, tally.wait_us),
+                ("e", tally.execution, tally.execution_us),
+            ):
+                for index, count in enumerate(buckets, start=1):
+                    if count:
+                        totals[f"{kind}|{script}|{index}"] += count
+                        minute[f"{kind}{index}"] += count
+                if any(buckets):
+                    totals[f"{kind}|{script}|sum"] += total_us
+            for outcome, count in tally.outcomes.items():
+                totals[f"o|{script}|{outcome}"] += count
+                minute[outcome] += count
+        return dict(totals), dict(minute)
+
+    def take(self) -> TelemetryBatch:
+        """These counts, leaving this batch empty (give them back with ``merge``)."""
+        taken = TelemetryBatch()
+        taken._scripts, self._scripts = self._scripts, {}
+        return taken
+
+    def merge(self, other: TelemetryBatch) -> None:
+        for script, theirs in other._scripts.items():
+            mine = self._tally(script)
+            mine.wait = [a + b for a, b in zip(mine.wait, theirs.wait, strict=True)]
+            mine.execution = [a + b for a, b in zip(mine.execution, theirs.execution, strict=True)]
+            mine.wait_us += theirs.wait_us
+            mine.execution_us += theirs.execution_us
+            mine.outcomes.update(theirs.outcomes)
+
+    def __bool__(self) -> bool:
+        return bool(self._scripts)
 
 
 def quantile(counts: Sequence[int], q: float) -> float | None:
@@ -114,9 +210,9 @@ def parse_totals(fields: Mapping[bytes, bytes]) -> dict[str, ScriptTotals]:
             totals.outcomes[part] = value
         elif part == "sum":
             if kind == "w":
-                totals.wait_sum = value / 1000
+                totals.wait_sum = value / 1e6
             else:
-                totals.execution_sum = value / 1000
+                totals.execution_sum = value / 1e6
         elif part.isdigit() and 1 <= int(part) <= len(LATENCY_BUCKETS) + 1:
             (totals.wait if kind == "w" else totals.execution)[int(part) - 1] = value
     return scripts

@@ -33,7 +33,8 @@ from actors.models import ResultTooLarge, stored_result
 from actors.queue import WorkerMonitor
 from actors.ratelimits import domain_key
 from actors.scripts import find_script, set_attempt
-from actors.store import Completion, Lease, bounded_error
+from actors.store import Completion, FailOutcome, Lease, bounded_error
+from actors.telemetry import TelemetryBatch
 from actors.wakeup import Wakeup
 from config.settings import Settings
 
@@ -47,6 +48,10 @@ IDLE_WAIT = 1.0
 HANDBACK_TIMEOUT = 5.0
 #: How long a stopping worker keeps trying to report completed tasks.
 FINAL_FLUSH_TIMEOUT = 10.0
+#: How often a worker adds its latency and outcome counts up in Redis.
+METRICS_INTERVAL = 1.0
+#: At exit, how long the last counts may take to reach Redis before they are dropped.
+FINAL_METRICS_TIMEOUT = 2.0
 
 
 @dataclass(slots=True)
@@ -61,7 +66,7 @@ DESCENDANT_GRACE = 2.0
 
 #: The most a worker takes after ``drain_timeout`` (hand-back, final flush,
 #: ending its scripts' processes): the supervisor's SIGKILL waits longer.
-AFTER_DRAIN = HANDBACK_TIMEOUT + FINAL_FLUSH_TIMEOUT + 2 * DESCENDANT_GRACE
+AFTER_DRAIN = HANDBACK_TIMEOUT + FINAL_FLUSH_TIMEOUT + FINAL_METRICS_TIMEOUT + 2 * DESCENDANT_GRACE
 
 
 def end_descendants(grace: float) -> int:
@@ -99,6 +104,7 @@ class Worker(Actor):
         self.slot_free = asyncio.Event()
         self.closing = False
         self.tasks_processed = 0
+        self.telemetry = TelemetryBatch()
         # Jitter keeps the processes of a pool from recycling all at once.
         self.recycle_after = (
             int(worker.max_tasks_per_child * random.uniform(1.0, 1.1))
@@ -134,11 +140,13 @@ class Worker(Actor):
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         flusher = asyncio.create_task(self._flush_loop())
+        recorder = asyncio.create_task(self._record_loop())
         try:
             await self._claim_loop()
             await self._finish_running()
         finally:
             heartbeat.cancel()
+            recorder.cancel()
             self.closing = True
             self.flush_wanted.set()
             try:
@@ -150,6 +158,9 @@ class Worker(Actor):
                     self.actor_id,
                     len(self.completed),
                 )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FINAL_METRICS_TIMEOUT):
+                    await self._record_metrics()
         logger.info("%s: 워커 종료 (처리 %d건)", self.actor_id, self.tasks_processed)
 
     # -- claiming -------------------------------------------------------------
@@ -208,21 +219,28 @@ class Worker(Actor):
         script = find_script(request.script_name, request.script_version)
         if script is None:
             version = f" version {request.script_version}" if request.script_version else ""
-            await self._fail(lease, f"unknown script {request.script_name!r}{version}", True)
+            await self._fail(
+                lease, request.script_name, f"unknown script {request.script_name!r}{version}", True
+            )
             return
         set_attempt(lease.attempt)
+        self.telemetry.started(script.name, lease.queued)
         started = time.perf_counter()
         deadline = asyncio.timeout(request.timeout)
         try:
-            async with deadline:
-                result = await script.call(dict(request.parameters))
+            try:
+                async with deadline:
+                    result = await script.call(dict(request.parameters))
+            finally:
+                elapsed = time.perf_counter() - started
+                self.telemetry.ended(script.name, elapsed)
         except TimeoutError as exc:
             if not deadline.expired():
-                await self._fail(lease, f"TimeoutError: {exc}", False)
+                await self._fail(lease, script.name, f"TimeoutError: {exc}", False)
                 return
             if not script.is_async:
                 self.recycle(f"sync script {script.name!r} overran its timeout in a thread")
-            await self._fail(lease, f"timed out after {request.timeout:g}s", False)
+            await self._fail(lease, script.name, f"timed out after {request.timeout:g}s", False)
             return
         except RateLimited as exc:
             # Back to the queue without burning an attempt; the site's key
@@ -243,31 +261,38 @@ class Worker(Actor):
             )
             return
         except Exception as exc:
-            await self._fail(lease, f"{type(exc).__name__}: {exc}", False)
+            await self._fail(lease, script.name, f"{type(exc).__name__}: {exc}", False)
             return
-        elapsed = time.perf_counter() - started
         try:
             data_json = stored_result(result, self.settings.tasks.max_result_bytes)
         except ResultTooLarge as exc:
-            await self._fail(lease, str(exc), True)
+            await self._fail(lease, script.name, str(exc), True)
             return
         except InvalidTaskException as exc:
-            await self._fail(lease, f"script returned a value that is not JSON: {exc}", True)
+            await self._fail(
+                lease, script.name, f"script returned a value that is not JSON: {exc}", True
+            )
             return
         self.completed.append(Completion(lease.request_id, lease.attempt, data_json, elapsed))
+        self.telemetry.outcome(script.name, "completed")
         self.flush_wanted.set()
 
-    async def _fail(self, lease: Lease, error: str, permanent: bool) -> None:
+    async def _fail(self, lease: Lease, script: str, error: str, permanent: bool) -> None:
         error = bounded_error(error)  # a scraped page in an exception must not flood the log
         logger.warning(
             "%s: 작업 %s 실패 (시도 %d): %s", self.actor_id, lease.request_id, lease.attempt, error
         )
-        await self._report(
-            "실패 보고",
-            self.queue.store.fail(
+        try:
+            outcome, _ = await self.queue.store.fail(
                 self.actor_id, lease.request_id, lease.attempt, error, permanent=permanent
-            ),
-        )
+            )
+        except QueueError as exc:
+            logger.error("%s: 실패 보고 실패, 임대 만료 후 재전달됨: %s", self.actor_id, exc)
+            return
+        if outcome is not FailOutcome.REFUSED:
+            self.telemetry.outcome(
+                script, "retried" if outcome is FailOutcome.RETRYING else "failed"
+            )
 
     async def _report(self, what: str, call: Awaitable[object]) -> None:
         """Await a one-off report; if Redis is gone the lease expires and the task reruns."""
@@ -302,6 +327,23 @@ class Worker(Actor):
                         )
             if self.closing:
                 return
+
+    async def _record_loop(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL)
+            # Shielded: cancelled at exit half-way, the counts it took would be lost.
+            await asyncio.shield(self._record_metrics())
+
+    async def _record_metrics(self) -> None:
+        """Add this worker's latency and outcome counts up in Redis (kept for later if away)."""
+        if not self.telemetry:
+            return
+        batch = self.telemetry.take()
+        try:
+            await self.queue.store.record_metrics(*batch.fields())
+        except QueueError as exc:
+            self.telemetry.merge(batch)
+            logger.debug("%s: 지연 시간 집계 기록 실패, 다음에 다시: %s", self.actor_id, exc)
 
     async def _heartbeat_loop(self) -> None:
         outage = Outage(f"{self.actor_id}: 하트비트", logger)

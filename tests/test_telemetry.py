@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 from pathlib import Path
 
@@ -23,18 +22,9 @@ from test_metrics import scrape
 
 from actors.models import ScrapingRequest
 from actors.queue import RedisQueue, TaskManager
-from actors.store import Completion
-from actors.telemetry import LATENCY_BUCKETS, QueueTelemetry, quantile
+from actors.telemetry import LATENCY_BUCKETS, QueueTelemetry, TelemetryBatch, bucket_of, quantile
 from config.settings import Settings
 from supervisor.redis_server import free_port
-
-LIB = Path(__file__).resolve().parent.parent / "actors" / "lua" / "_lib.lua"
-
-
-def test_the_buckets_of_the_scripts_and_of_the_readers_are_the_same() -> None:
-    match = re.search(r"LATENCY_BUCKETS_MS = \{([^}]*)\}", LIB.read_text())
-    assert match is not None
-    assert [int(ms) / 1000 for ms in match.group(1).split(",")] == list(LATENCY_BUCKETS)
 
 
 def test_quantiles_interpolate_inside_the_bucket_that_holds_the_rank() -> None:
@@ -54,18 +44,38 @@ async def test_a_retry_waits_from_when_it_fell_due_not_from_its_enqueue(
 ) -> None:
     request_id = await queue.enqueue_task(ScrapingRequest(script_name="fail", max_retries=1))
     await admin(queue).hset(queue.keys.task(request_id), "enqueued_at", 0)  # "enqueued in 1970"
-    (lease,) = (await queue.store.claim("w1", 1)).leases
-    await queue.store.fail("w1", request_id, lease.attempt, "boom", permanent=False)
-    await wait_for(queue.store.promote_due, timeout=5)  # the retry falls due
+    (first,) = (await queue.store.claim("w1", 1)).leases
+    await queue.store.fail("w1", request_id, first.attempt, "boom", permanent=False)
+    await asyncio.sleep(0.3)  # the retry's backoff (0.05-0.2 s here)
+    await queue.store.promote_due()
     (retry,) = (await queue.store.claim("w1", 1)).leases
-    await queue.store.complete("w1", [Completion(request_id, retry.attempt, "1", 0.3)])
 
-    totals = (await QueueTelemetry(queue.connection, queue.keys).totals())["fail"]
-    assert sum(totals.wait) == 2
-    assert totals.wait[-1] == 1  # the first start: "waited" since 1970
-    assert sum(totals.wait[:5]) == 1  # the retry: since it fell due, well under 250 ms
-    assert sum(totals.execution) == 2
-    assert totals.outcomes == {"started": 2, "completed": 1, "failed": 0, "retried": 1}
+    assert first.queued > 1e9  # since 1970
+    assert 0 <= retry.queued < 1.0  # since it fell due, not since its enqueue
+
+
+async def test_counts_recorded_by_workers_add_up_per_script_and_per_minute(
+    queue: RedisQueue,
+) -> None:
+    one, two = TelemetryBatch(), TelemetryBatch()
+    for batch, script in ((one, "echo"), (two, "echo"), (two, "fail")):
+        batch.started(script, 0.02)
+        batch.ended(script, 0.3)
+        batch.outcome(script, "completed" if script == "echo" else "failed")
+    for batch in (one, two):
+        await queue.store.record_metrics(*batch.take().fields())
+    telemetry = QueueTelemetry(queue.connection, queue.keys)
+    totals = await telemetry.totals()
+    (minute,) = await telemetry.minutes(1)
+
+    assert totals["echo"].wait[bucket_of(0.02) - 1] == 2
+    assert totals["echo"].execution_sum == pytest.approx(0.6)
+    assert totals["echo"].outcomes == {"started": 2, "completed": 2, "failed": 0, "retried": 0}
+    assert totals["fail"].outcomes["failed"] == 1
+    assert minute.outcomes == {"started": 3, "completed": 2, "failed": 1, "retried": 0}
+    assert sum(minute.execution) == 3
+    assert not one  # taken
+    assert not two
 
 
 @pytest.mark.timeout(120)
@@ -91,6 +101,14 @@ async def test_a_known_workload_shows_the_same_numbers_in_metrics_status_and_his
         return stats["completed"] == 50 and stats["failed"] == 5 and stats["running"] == 0
 
     await wait_for(finished, timeout=30)
+    completed = ("scrapeq_script_tasks_total", (("outcome", "completed"), ("script", "echo")))
+    failed = ("scrapeq_script_tasks_total", (("outcome", "failed"), ("script", "fail")))
+
+    async def recorded() -> bool:  # the workers add their counts up about once a second
+        samples = await scrape(port)
+        return samples.get(completed) == 50 and samples.get(failed) == 5
+
+    await wait_for(recorded, timeout=10, interval=0.2)
     samples = await scrape(port)
     assert await cli("--config", str(config), "status", "--json") == 0
     state = json.loads(capsys.readouterr().out)

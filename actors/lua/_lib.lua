@@ -166,75 +166,14 @@ local function emit(name, now, fields)
   end
 end
 
--- Latency and throughput (docs/monitoring.md) --------------------------------
--- Each start counts its queue wait (ready -> started: since enqueue, or since
--- a retry fell due or the task was handed back) and each ended attempt its
--- execution time, in fixed buckets (LATENCY_BUCKETS_MS, then +Inf), per script:
---   BASE .. 'metrics'             hash since the queue was created, for the
---                                 Prometheus histograms and counters:
---                                 w|S|i, w|S|sum, e|S|i, e|S|sum (ms), o|S|outcome
---   BASE .. 'metrics:' .. minute  hash per minute (ms / 60000), kept 65 minutes,
---                                 for status and the dashboard: w<i>, e<i>,
---                                 started, completed, failed, retried
--- A call adds its observations up in Lua and writes each field once, when it
--- returns (save_metrics, run by store.py's wrapper like save_history).
+-- Latency and throughput (docs/monitoring.md): the workers count them and
+-- add their counts up in Redis about once a second (record_metrics.lua): per
+-- script since the queue began, in BASE .. 'metrics', and per minute, in
+-- BASE .. 'metrics:' .. (ms // 60000), kept MINUTES_KEPT_MS. The scripts here
+-- only keep what the counts need: a task's `ready_at` (when it last became
+-- claimable: a retry's due time, a hand-back) beside its `enqueued_at`.
 local BASE = string.sub(EVENTS, 1, #EVENTS - #'events')  -- KeySpace.events is base .. 'events'
-local LATENCY_BUCKETS_MS = {
-  10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 600000}
 local MINUTES_KEPT_MS = 65 * 60000
-local totals, minute_counts, metrics_now = {}, {}, nil
-
-local function add(counts, field, by)
-  counts[field] = (counts[field] or 0) + by
-end
-
-local function latency_bucket(ms)
-  for i, le in ipairs(LATENCY_BUCKETS_MS) do
-    if ms <= le then
-      return i
-    end
-  end
-  return #LATENCY_BUCKETS_MS + 1
-end
-
--- The script a task runs, from its request JSON (script_name comes first, as
--- the client writes it; SCRIPT_NAME_PATTERN's characters), else 'unknown'.
-local function script_of(request)
-  return string.match(request or '', '^{"script_name":"([%w_%.:%-]+)"') or 'unknown'
-end
-
--- Count one observation: kind 'w' (queue wait) or 'e' (execution), in ms.
-local function observe(kind, script, ms, now)
-  ms = math.max(0, math.floor(ms + 0.5))
-  local i = latency_bucket(ms)
-  add(totals, kind .. '|' .. script .. '|' .. i, 1)
-  add(totals, kind .. '|' .. script .. '|sum', ms)
-  add(minute_counts, kind .. i, 1)
-  metrics_now = metrics_now or now
-end
-
--- Count one outcome of a task of `script`: started, completed, failed, retried.
-local function count_outcome(script, outcome, now)
-  add(totals, 'o|' .. script .. '|' .. outcome, 1)
-  add(minute_counts, outcome, 1)
-  metrics_now = metrics_now or now
-end
-
-local function save_metrics()
-  if not metrics_now then
-    return
-  end
-  local metrics = BASE .. 'metrics'
-  for field, by in pairs(totals) do
-    count_up(metrics, field, by)
-  end
-  local minute = metrics .. ':' .. math.floor(metrics_now / 60000)
-  for field, by in pairs(minute_counts) do
-    count_up(minute, field, by)
-  end
-  redis.pcall('PEXPIRE', minute, MINUTES_KEPT_MS)
-  totals, minute_counts, metrics_now = {}, {}, nil
-end
 
 -- Put a task in a terminal state (completed, failed, cancelled): store its
 -- response, start its retention clock and hand the response to any waiter.
@@ -291,12 +230,10 @@ end
 -- The fencing check: a report counts only from the worker that holds the
 -- task's current attempt. A worker whose lease expired and was taken over
 -- (or whose task was cancelled) is refused. Also returns the record's
--- `slot` (the domain slot it holds, for free_slot), its `script` and
--- `started_at` (for the latency counts), read in the same call.
+-- `slot` (the domain slot it holds, for free_slot), read in the same call.
 local function holds_lease(id, worker, attempt)
-  local f = redis.call('HMGET', PREFIX .. id, 'status', 'worker', 'attempt', 'slot', 'script',
-    'started_at')
-  return f[1] == 'running' and f[2] == worker and f[3] == attempt, f[4], f[5] or 'unknown', f[6]
+  local f = redis.call('HMGET', PREFIX .. id, 'status', 'worker', 'attempt', 'slot')
+  return f[1] == 'running' and f[2] == worker and f[3] == attempt, f[4]
 end
 
 -- Rate limits -----------------------------------------------------------------

@@ -29,7 +29,8 @@
 -- the key was paused) moves into that key's gate instead of starting.
 -- Each claimed task gets attempt + 1: the attempt is the lease's fencing
 -- token, checked by complete, fail, renew and release.
--- Returns {wait_ms, id, attempt, request_json, id, attempt, request_json, ...}
+-- Returns {wait_ms, id, attempt, request_json, queued_ms, id, attempt, ...}
+--   queued_ms: how long the task waited since it last became claimable
 --   wait_ms: ms until the next retry or gated task is due (-1 if none); lets
 --   an idle worker sleep exactly that long instead of polling.
 
@@ -83,23 +84,20 @@ local function start(id, f, slot)
   -- A task that names a domain has `slot` written on every start ('' = none),
   -- so a slot an earlier attempt took is never given back twice (free_slot
   -- runs once per attempt, on its way out of `running`).
-  -- `script` names the task's script for the scripts that end the attempt
-  -- (their latency and outcome counts), without reading the request again.
-  local script = script_of(request)
   if slot or is_domain(f[3] or '') then
     redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
-      'started_at', now, 'script', script, 'slot', slot or '')
+      'started_at', now, 'slot', slot or '')
   else
     redis.call('HSET', key, 'attempt', attempt, 'status', 'running', 'worker', worker,
-      'started_at', now, 'script', script)
+      'started_at', now)
   end
-  observe('w', script, now - num(f[5] or f[6], now), now)
-  count_outcome(script, 'started', now)
   redis.call('ZADD', KEYS[2], now + lease_ms, id)
   emit_task('task.started', now, id, worker, attempt)
   out[#out + 1] = id
   out[#out + 1] = attempt
   out[#out + 1] = request
+  -- Its queue wait: since it last became claimable (the worker counts it).
+  out[#out + 1] = math.max(0, now - num(f[5] or f[6], now))
   claimed = claimed + 1
 end
 

@@ -30,12 +30,8 @@ local done = 0
 for i = 1, n do
   local base = 7 + (i - 1) * 4
   local id, attempt = ARGV[base + 1], ARGV[base + 2]
-  local held, slot, script, started_at = holds_lease(id, worker, attempt)
+  local held, slot = holds_lease(id, worker, attempt)
   if held then
-    -- The worker's own measure of the script's run; else the lease's age.
-    local exec_s = tonumber(ARGV[base + 4])
-    observe('e', script, exec_s and exec_s * 1000 or now - num(started_at, now), now)
-    count_outcome(script, 'completed', now)
     redis.call('ZREM', KEYS[1], id)
     free_slot(slot, now, true, KEYS[9])
     if breaker_open then

@@ -36,12 +36,11 @@ local permanent = ARGV[9] == '1'
 local backoff, backoff_max = tonumber(ARGV[10]), tonumber(ARGV[11])
 local jitter, ttl_ms = tonumber(ARGV[12]), tonumber(ARGV[13])
 
-local held, slot, script, started_at = holds_lease(id, worker, attempt)
+local held, slot = holds_lease(id, worker, attempt)
 if not held then
   return {0, 0}
 end
 local now = now_ms()
-observe('e', script, now - num(started_at, now), now)
 local key = PREFIX .. id
 local max_retries = max_retries_of(redis.call('HGET', key, 'max_retries'))
 add_history(id, attempt, err, worker, now)
@@ -69,7 +68,6 @@ if permanent or tonumber(attempt) > max_retries then
   redis.call('ZADD', KEYS[3], now, id)
   finish(id, 'failed', nil, err, nil, now, ttl_ms)
   count_up(KEYS[4], 'failed', 1)
-  count_outcome(script, 'failed', now)
   emit('task.failed', now, {request_id = id, worker_id = worker, attempt = tonumber(attempt), error = err})
   return {2, 0}
 end
@@ -79,7 +77,6 @@ delay = math.floor(math.min(backoff_max, delay * (0.75 + 0.5 * jitter)))
 redis.call('HSET', key, 'status', 'retrying', 'ready_at', now + delay)
 redis.call('ZADD', KEYS[2], now + delay, id)
 count_up(KEYS[4], 'retried', 1)
-count_outcome(script, 'retried', now)
 publish(WAKE, 'in:' .. delay)  -- idle workers wake when it is due
 emit('task.retrying', now,
   {request_id = id, worker_id = worker, attempt = tonumber(attempt), error = err, delay = delay / 1000})
