@@ -166,7 +166,7 @@ local function emit(name, now, fields)
   end
 end
 
--- Latency and throughput (docs/monitoring.md): the workers count them and
+-- Latency and throughput (docs/events.md): the workers count them and
 -- add their counts up in Redis about once a second (record_metrics.lua): per
 -- script since the queue began, in BASE .. 'metrics', and per minute, in
 -- BASE .. 'metrics:' .. (ms // 60000), kept MINUTES_KEPT_MS. The scripts here
