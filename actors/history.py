@@ -28,7 +28,7 @@ Event = dict[str, Any]
 
 def parse_entry(fields: list[bytes]) -> list[Event]:
     """The events of one stream entry (its flat field/value reply); none if it is damaged."""
-    values = dict(zip(fields[::2], fields[1::2], strict=False))
+    values = dict(zip(fields[::2], fields[1::2], strict=False))  # n (how many), e (the events)
     raw = values.get(b"e")
     if raw is None:
         return []

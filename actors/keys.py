@@ -32,6 +32,7 @@ class KeySpace:
         "gates",
         "governor_lock",
         "history",
+        "history_count",
         "limits",
         "metrics",
         "metrics_lock",
@@ -83,6 +84,7 @@ class KeySpace:
         self.events = base + "events"  # channel: JSON events
         # Stream: recent events, one entry per script call (_lib.lua derives it from `events`).
         self.history = self.events + ":history"
+        self.history_count = self.history + ":count"  # string: events the history holds
         # Hash: latency buckets and outcomes per script, ever (_lib.lua, "Latency").
         self.metrics = base + "metrics"
         self.done_prefix = base + "done:"  # channel per task: its final response

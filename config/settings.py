@@ -212,7 +212,7 @@ class PolitenessSettings(_Section):
 class EventsSettings(_Section):
     """The event history ``supervisor events --since`` replays (docs/events.md)."""
 
-    history: NonNegativeInt = 100000  # entries kept (one per script call that emits); 0 = none
+    history: NonNegativeInt = 100000  # events kept for replay; 0 = none
     history_max_age: Seconds = 3600.0  # entries older than this are dropped
 
 

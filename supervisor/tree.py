@@ -422,7 +422,10 @@ class ProcessTree:
             with translated_errors():
                 await self._queue.connection.execute("PUBLISH", keys.events, text)
                 if await self._queue.connection.execute("EXISTS", keys.history):
-                    await self._queue.connection.execute("XADD", keys.history, "*", "e", text)
+                    await self._queue.connection.execute_many(
+                        ("XADD", keys.history, "*", "n", 1, "e", text),
+                        ("INCRBY", keys.history_count, 1),
+                    )
         except QueueConnectionException as exc:
             logger.debug("worker.restarted 이벤트 발행 실패: %s", exc)
 

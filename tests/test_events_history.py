@@ -154,17 +154,27 @@ async def test_since_without_history_is_a_usage_error(
     assert not await admin(queue).exists(queue.keys.history)
 
 
-async def test_history_is_trimmed_to_its_count_and_age(queue: RedisQueue) -> None:
+async def test_history_is_trimmed_to_its_event_count_and_age(queue: RedisQueue) -> None:
     await history_on(queue)
+    await queue.enqueue_many([echo() for _ in range(20)])  # one entry of 20 events
     for _ in range(30):
-        await queue.enqueue_task(echo())
+        await queue.enqueue_task(echo())  # 30 entries of one
     assert await queue.store.keep_history(EventsSettings(history=10)) == 10
+    assert await admin(queue).xlen(queue.keys.history) == 10  # the batch went whole
     await asyncio.sleep(0.3)
     fresh = await queue.enqueue_task(echo())
 
     assert await queue.store.keep_history(EventsSettings(history_max_age=0.2)) == 1
     entries = await EventHistory(queue.connection, queue.keys).after("0-0")
     assert [e["request_id"] for _, events in entries for e in events] == [fresh]
+
+
+async def test_a_lost_event_count_is_recounted_from_the_entries(queue: RedisQueue) -> None:
+    await history_on(queue)
+    await queue.enqueue_many([echo() for _ in range(7)])
+    await admin(queue).set(queue.keys.history_count, "damaged")
+
+    assert await queue.store.keep_history(EventsSettings(history=100)) == 7
 
 
 @pytest.mark.parametrize("text", ["10", "30s", "10m", "2h", "1d"])

@@ -84,13 +84,16 @@ end
 
 -- Event history (docs/events.md): besides pub/sub, the events of one script
 -- call are kept as one entry of a stream, EVENTS .. ':history' (field `e`:
--- one event's JSON, or a JSON array of them, in order), written in the same
--- script as the change they announce. One entry per call, not per event: a
--- claim or completion of 50 tasks costs one XADD. The stream's existence is
--- the switch: `supervisor start` creates it when `[events] history` > 0 and
--- the reaper trims it by count and age (history.lua). store.py wraps every
--- script so that save_history() runs when it returns.
+-- one event's JSON, or a JSON array of them, in order; field `n`: how many
+-- events), written in the same script as the change they announce. One
+-- entry per call, not per event: a claim or completion of 50 tasks costs one
+-- XADD. HISTORY_COUNT counts the events the stream holds, so the reaper can
+-- trim it to `[events] history` events and by age (history.lua). The
+-- stream's existence is the switch: `supervisor start` creates it when
+-- `history` > 0. store.py wraps every script so that save_history() runs
+-- when it returns.
 local HISTORY = EVENTS .. ':history'
+local HISTORY_COUNT = HISTORY .. ':count'
 local history_on = nil
 local history = {}
 
@@ -135,18 +138,20 @@ local function emit_task(name, now, id, worker, attempt)
 end
 
 local function save_history()
+  local events = #history
   for _, name in ipairs(task_batch_names) do
     local batch = task_batches[name]
+    events = events + #batch.ids
     history[#history + 1] = '{"event":"' .. name .. '","ts":' .. batch.ts
       .. ',"worker_id":' .. cjson.encode(batch.worker)
       .. ',"request_ids":["' .. table.concat(batch.ids, '","')
       .. '"],"attempts":[' .. table.concat(batch.attempts, ',') .. ']}'
   end
   task_batches, task_batch_names = {}, {}
-  if #history == 1 then
-    redis.pcall('XADD', HISTORY, '*', 'e', history[1])  -- never abort: history only
-  elseif #history > 1 then
-    redis.pcall('XADD', HISTORY, '*', 'e', '[' .. table.concat(history, ',') .. ']')
+  if #history > 0 then
+    local text = #history == 1 and history[1] or '[' .. table.concat(history, ',') .. ']'
+    redis.pcall('XADD', HISTORY, '*', 'n', events, 'e', text)  -- never abort: history only
+    redis.pcall('INCRBY', HISTORY_COUNT, events)
   end
   history = {}
 end
