@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from actors import redis_errors
@@ -19,6 +21,7 @@ from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.subscription import Message
 from actors.telemetry import QueueTelemetry
 from config.settings import Settings
+from supervisor import watch_view
 from supervisor.cli_common import (
     Subcommands,
     backpressure_view,
@@ -37,7 +40,6 @@ WATCH_INTERVAL = 1.0
 POLL_SECONDS = 0.25
 #: Pause before reading the history again after Redis did not answer.
 RETRY_SECONDS = 1.0
-_CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -135,17 +137,8 @@ def _rate(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:.3g}"
 
 
-def format_seconds(seconds: float | None) -> str:
-    """A latency for people: ``-``, ``850ms``, ``2.5s``, ``3.2m``."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
-
-
 def format_percentiles(values: dict[str, float | None]) -> str:
-    return " ".join(f"{name} {format_seconds(value)}" for name, value in values.items())
+    return " ".join(f"{name} {watch_view.format_seconds(value)}" for name, value in values.items())
 
 
 def print_snapshot(state: dict[str, Any]) -> None:
@@ -211,20 +204,47 @@ async def show_status(args: argparse.Namespace, settings: Settings) -> int:
                 print_json(state)
             else:
                 print_snapshot(state)
-            return CliExit.OK
-        with stop_on_signals() as stop:
-            clear = not args.json and sys.stdout.isatty()
-            while not stop.is_set():
-                state = await snapshot(queue)
-                if args.json:
-                    print_json(state)
-                else:
-                    print(_CLEAR_SCREEN if clear else "", end="")
-                    print_snapshot(state)
-                    print(flush=True)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
+        elif args.json:
+            await _watch(queue, print_json)
+        elif sys.stdout.isatty():
+            with _alternate_screen():
+                await _watch(queue, draw_view)
+        else:
+            await _watch(queue, print_view)
     return CliExit.OK
+
+
+async def _watch(queue: RedisQueue, show: Callable[[dict[str, Any]], None]) -> None:
+    """Show a fresh snapshot every WATCH_INTERVAL until SIGINT or SIGTERM."""
+    with stop_on_signals() as stop:
+        while not stop.is_set():
+            show(await snapshot(queue))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
+
+
+@contextlib.contextmanager
+def _alternate_screen() -> Iterator[None]:
+    """Draw on the terminal's alternate screen; give the operator's screen back on exit."""
+    sys.stdout.write(watch_view.ENTER)
+    try:
+        yield
+    finally:
+        sys.stdout.write(watch_view.LEAVE)
+        sys.stdout.flush()
+
+
+def draw_view(state: dict[str, Any]) -> None:
+    """Redraw the terminal with the watch view, sized to the terminal as it is now."""
+    size = shutil.get_terminal_size()
+    lines = watch_view.render(state, now=time.time(), width=size.columns, height=size.lines)
+    sys.stdout.write(watch_view.frame(lines))
+    sys.stdout.flush()
+
+
+def print_view(state: dict[str, Any]) -> None:
+    """The watch view as plain 80-column lines and a blank one, for a pipe or a file."""
+    print("\n".join(watch_view.render(state, now=time.time())), end="\n\n", flush=True)
 
 
 def format_event(event: dict[str, Any]) -> str:
