@@ -229,6 +229,14 @@ class SupervisorSettings(_Section):
     )
 
 
+class DashboardSettings(_Section):
+    """The web dashboard at ``/`` on the metrics port (docs/dashboard.md); read at start."""
+
+    enabled: bool = True
+    # Bearer token the actions (retry, purge) need; "" = read-only. A secret: kept out of repr.
+    token: str = Field(default="", repr=False)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Which sources one ``Settings(...)`` call reads besides its keyword arguments."""
@@ -383,6 +391,7 @@ class Settings(BaseSettings):
     politeness: PolitenessSettings = Field(default_factory=PolitenessSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
     supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
 
     def __init__(self, **values: Any) -> None:
         try:

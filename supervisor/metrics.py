@@ -13,6 +13,9 @@ renewed by its scrapes; another takes over within ``EXPORTER_LEASE`` of its
 last). Each endpoint says whether it is the one (``scrapeq_queue_exporter``).
 What belongs to one process (``scrapeq_restarts_total``, ``scrapeq_redis_up``)
 every endpoint exports: Prometheus sums those.
+
+The same server answers the web dashboard at ``/`` (supervisor/dashboard.py)
+unless ``[dashboard] enabled = false``; ``/metrics`` is always served.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, start_wsgi_server
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -40,8 +47,9 @@ from prometheus_client.registry import Collector
 from actors.exceptions import QueueError
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.telemetry import LATENCY_BUCKETS, QueueTelemetry, ScriptTotals
-from config.settings import Settings
+from config.settings import DashboardSettings, Settings
 from supervisor.cli_common import BACKPRESSURE_STATES, backpressure_view
+from supervisor.dashboard import Dashboard
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +230,42 @@ def _latency_families(scripts: dict[str, ScriptTotals]) -> Iterator[Metric]:
     yield outcomes
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """A thread per request, so a slow Redis read holds up no other client."""
+
+    daemon_threads = True  # fire and forget: nothing joins request threads at close
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Requests are not logged: a scrape every few seconds and every page's polls."""
+
+
+def _routed(metrics: WSGIApplication, dashboard: Dashboard | None) -> WSGIApplication:
+    """``/metrics`` to prometheus-client, everything else to the dashboard (404 without one)."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return metrics(environ, start_response)
+        if dashboard is not None:
+            return dashboard(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: only /metrics is served here ([dashboard] enabled = false)\n"]
+
+    return app
+
+
+def _bind(host: str, port: int, app: WSGIApplication) -> WSGIServer:
+    """A server on ``host:port`` in the address's own family (an IPv6 host needs AF_INET6)."""
+    family, *_, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server_class = type("_BoundServer", (_ThreadingServer,), {"address_family": family})
+    return make_server(str(address[0]), port, app, server_class, _QuietHandler)
+
+
 class MetricsServer:
-    """A ``/metrics`` HTTP server in a daemon thread, reading through ``queue`` on ``loop``."""
+    """``/metrics`` and the dashboard over HTTP in a daemon thread, reading on ``loop``."""
 
     def __init__(
         self,
@@ -231,12 +273,23 @@ class MetricsServer:
         loop: asyncio.AbstractEventLoop,
         host: str = "127.0.0.1",
         port: int = 0,
+        dashboard: DashboardSettings | None = None,
     ) -> None:
-        """Serve on ``host:port``; port 0 binds a free port (see :attr:`port`)."""
+        """Serve on ``host:port``; port 0 binds a free port (see :attr:`port`).
+
+        ``dashboard``: serve the dashboard with these settings; None = ``/metrics`` only.
+        """
         registry = CollectorRegistry()
         registry.register(QueueCollector(queue, loop))
         registry.register(RESTARTS)
-        self._server, self._thread = start_wsgi_server(port, host, registry)
+        self.dashboard = (
+            None if dashboard is None else Dashboard(queue, loop, dashboard, REDIS_TIMEOUT)
+        )
+        self._server = _bind(host, port, _routed(make_wsgi_app(registry), self.dashboard))
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
         self.host = host
         self.port: int = self._server.server_port
 
@@ -247,14 +300,20 @@ class MetricsServer:
 
 
 def start_metrics_server(settings: Settings, queue: RedisQueue) -> MetricsServer | None:
-    """Serve ``/metrics`` on ``supervisor.metrics_host:metrics_port``; None when the port is 0.
+    """Serve ``/metrics`` and the dashboard on ``metrics_host:metrics_port``; None if port 0.
 
-    Call it on the loop that ``queue`` belongs to. Raises ``OSError`` when the
-    port cannot be bound.
+    The dashboard is left out when ``[dashboard] enabled = false``. Call it on
+    the loop that ``queue`` belongs to. Raises ``OSError`` when the port cannot
+    be bound.
     """
     host, port = settings.supervisor.metrics_host, settings.supervisor.metrics_port
     if port == 0:
         return None
-    server = MetricsServer(queue, asyncio.get_running_loop(), host, port)
-    logger.info("메트릭 서버 시작: http://%s:%d/metrics", host, server.port)
+    dashboard = settings.dashboard if settings.dashboard.enabled else None
+    server = MetricsServer(queue, asyncio.get_running_loop(), host, port, dashboard)
+    address = f"[{host}]" if ":" in host else host
+    logger.info("메트릭 서버 시작: http://%s:%d/metrics", address, server.port)
+    if server.dashboard is not None:
+        mode = "작업 허용 (토큰 필요)" if server.dashboard.actions else "읽기 전용"
+        logger.info("대시보드 시작: http://%s:%d/ (%s)", address, server.port, mode)
     return server

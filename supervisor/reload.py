@@ -7,8 +7,10 @@ from typing import Any
 from config.settings import Settings
 
 # Keys read only at start: they name the Redis the whole tree talks to, the
-# state directory, the metrics listener and the restart policy's parameters.
+# state directory, the metrics listener and dashboard, and the restart
+# policy's parameters.
 _RESTART_ONLY: dict[str, tuple[str, ...]] = {
+    "dashboard": ("enabled", "token"),
     "redis": ("url", "embedded", "key_prefix"),
     "supervisor": (
         "state_dir",
@@ -42,13 +44,17 @@ def _child_view(settings: Settings, kind: str) -> dict[str, Any]:
     """What a running child of ``kind`` uses of the settings.
 
     Rate limits and the circuit breaker reach every host through Redis
-    (``set_limits``), and only the governor reads the watermarks.
+    (``set_limits``), only the governor reads the watermarks, only the reaper
+    the event history's bounds, and no child the dashboard's keys.
     """
     exclude: dict[str, Any] = {
         "worker": {"processes"},
         "rate_limits": True,
         "circuit_breaker": True,
+        "dashboard": True,
     }
     if kind != "governor":
         exclude["backpressure"] = True
+    if kind != "reaper":
+        exclude["events"] = True
     return settings.model_dump(mode="json", exclude=exclude)
