@@ -30,6 +30,7 @@ PRODUCER_PROBED = (
     "PUBSUB|NUMSUB",
     "PUBSUB|NUMPAT",
     "TIME",
+    "XADD",  # the event history (docs/events.md): enqueue keeps its events
 )
 WORKER_HOST_PROBED = (
     *PRODUCER_PROBED,
@@ -46,6 +47,9 @@ WORKER_HOST_PROBED = (
     "ZSCORE",
     "ZPOPMIN",
     "SCAN",
+    "XTRIM",
+    "XRANGE",
+    "XREVRANGE",
 )
 #: Rights every role needs that a script cannot try: connecting, loading and
 #: running the scripts (proven by running the probe), subscribing (a refused
@@ -60,12 +64,15 @@ CONNECTION = (
     "SUBSCRIBE",
     "UNSUBSCRIBE",
 )
+#: Rights the worker host's CLI needs that a script cannot try: ``events``
+#: follows the history with a blocking read.
+FOLLOWING = ("XREAD",)
 #: Used when granted, tolerated when refused: the start-up checks (eviction
 #: policy, restart detection) and the master's ROLE behind Sentinels.
 OPTIONAL = ("INFO", "CONFIG|GET", "ROLE")
 
 PRODUCER = (*CONNECTION, *PRODUCER_PROBED)
-WORKER_HOST = (*CONNECTION, *WORKER_HOST_PROBED, *OPTIONAL)
+WORKER_HOST = (*CONNECTION, *FOLLOWING, *WORKER_HOST_PROBED, *OPTIONAL)
 
 
 def acl_rule(user: str, commands: tuple[str, ...], key_prefix: str) -> str:

@@ -1,5 +1,6 @@
 -- history: switch the event history on or off, and trim it (the reaper, each pass).
 --
+-- KEYS: none (the stream and its count are derived from the events channel, _lib.lua)
 -- ARGV[5] events kept at most (0 = history off: the stream is deleted)
 -- ARGV[6] entries older than this many ms are dropped (0 = no age limit)
 --

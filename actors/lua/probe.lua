@@ -9,6 +9,7 @@
 -- Returns the names refused, in the order given; empty when every one runs.
 
 local hash, zset, plain = PREFIX .. '~probe:h', PREFIX .. '~probe:z', PREFIX .. '~probe:s'
+local stream = PREFIX .. '~probe:x'
 local channel = EVENTS .. ':probe'
 
 local TRIES = {
@@ -24,6 +25,9 @@ local TRIES = {
   PUBLISH = {'PUBLISH', channel, 'probe'}, ['PUBSUB|NUMSUB'] = {'PUBSUB', 'NUMSUB', channel},
   ['PUBSUB|NUMPAT'] = {'PUBSUB', 'NUMPAT'}, TIME = {'TIME'},
   SCAN = {'SCAN', 0, 'MATCH', hash, 'COUNT', 1},
+  XADD = {'XADD', stream, 'MAXLEN', 0, '*', 'f', '1'}, XTRIM = {'XTRIM', stream, 'MAXLEN', 0},
+  XRANGE = {'XRANGE', stream, '-', '+', 'COUNT', 1},
+  XREVRANGE = {'XREVRANGE', stream, '+', '-', 'COUNT', 1},
 }
 
 local function refused(result)
@@ -44,8 +48,8 @@ for i = 5, #ARGV do
     missing[#missing + 1] = ARGV[i]
   end
 end
-for _, key in ipairs({hash, zset}) do
+for _, key in ipairs({hash, zset, stream}) do
   redis.pcall('PEXPIRE', key, 1000)
 end
-redis.pcall('DEL', hash, zset, plain)
+redis.pcall('DEL', hash, zset, plain, stream)
 return missing
