@@ -45,6 +45,23 @@ class RedisRightsMissing(QueueConnectionException):
         self.missing = missing
 
 
+class NotReplicatedException(QueueConnectionException):
+    """A durable write (``[redis] durable_enqueue``) reached fewer replicas than asked in time.
+
+    It is on the master, and runs unless a failover comes first: retrying the
+    very same enqueue is safe (the same id with the same request counts as
+    stored) and waits for the replicas again.
+    """
+
+    def __init__(self, wanted: int, acknowledged: int, timeout: float) -> None:
+        super().__init__(
+            f"only {acknowledged} of {wanted} replicas acknowledged the write within "
+            f"{timeout:g} s ([redis] durable_enqueue): a failover now could lose it; retry"
+        )
+        self.wanted = wanted
+        self.acknowledged = acknowledged
+
+
 class DuplicateTaskException(InvalidTaskException):
     """A different task with the same request_id already exists."""
 

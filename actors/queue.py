@@ -68,6 +68,7 @@ class RedisQueue:
         self._rights = rights
         self.keys = KeySpace(settings.redis.key_prefix, queue)
         self._connection: MultiplexedConnection | None = None
+        self._durable: MultiplexedConnection | None = None  # [redis] durable_enqueue > 0
         self._store: TaskStore | None = None
         self._hub: ResponseHub | None = None
         self._wakeup: Wakeup | None = None
@@ -81,7 +82,9 @@ class RedisQueue:
         if self._connection is not None:
             return
         connection = open_calls(self.settings)
-        store = TaskStore(connection, self.keys, self.settings)
+        # Durable writes WAIT for replicas on a connection of their own (TaskStore).
+        durable = open_calls(self.settings) if self.settings.redis.durable_enqueue else None
+        store = TaskStore(connection, self.keys, self.settings, durable)
         try:
             with translated_errors():
                 await connection.execute("PING")
@@ -92,8 +95,11 @@ class RedisQueue:
                 raise RedisRightsMissing(missing)
         except BaseException:
             await connection.close()
+            if durable is not None:
+                await durable.close()
             raise
         self._connection = connection
+        self._durable = durable
         self._store = store
         self._hub = ResponseHub(self.settings, self.keys, self.read_responses)
 
@@ -104,7 +110,10 @@ class RedisQueue:
             await self._wakeup.close()
         if self._connection is not None:
             await self._connection.close()
-        self._connection = self._store = self._hub = self._wakeup = None
+        if self._durable is not None:
+            await self._durable.close()
+        self._connection = self._durable = None
+        self._store = self._hub = self._wakeup = None
 
     async def ping(self) -> None:
         """One round trip to Redis; raises QueueConnectionException if it is away."""

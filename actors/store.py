@@ -18,7 +18,12 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from actors.connection import translated_errors
-from actors.exceptions import BackpressureException, DuplicateTaskException, ScriptError
+from actors.exceptions import (
+    BackpressureException,
+    DuplicateTaskException,
+    NotReplicatedException,
+    ScriptError,
+)
 from actors.keys import KeySpace
 from actors.multiplexed import MultiplexedConnection
 from actors.ratelimits import politeness_fields
@@ -247,9 +252,17 @@ class TaskStore:
     """
 
     def __init__(
-        self, connection: MultiplexedConnection, keys: KeySpace, settings: Settings
+        self,
+        connection: MultiplexedConnection,
+        keys: KeySpace,
+        settings: Settings,
+        durable: MultiplexedConnection | None = None,
     ) -> None:
+        """``durable``: the connection of the durable writes (``[redis] durable_enqueue`` > 0)."""
         self._connection = connection
+        self._durable = durable
+        self._durable_replicas = settings.redis.durable_enqueue
+        self._durable_ms = int(settings.redis.durable_timeout * 1000)
         self.keys = keys
         self._context = keys.script_context()
         # The KEYS of every script that needs none from the call, built once.
@@ -271,6 +284,28 @@ class TaskStore:
         with translated_errors():
             return await self._connection.evalsha(sha, source, keys, [*self._context, *args])
 
+    async def _run_durably(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run script ``name``, then ``WAIT`` until ``durable_enqueue`` replicas have it.
+
+        On a connection of its own: WAIT holds up every later command on its
+        connection until it returns, and covers every write sent before it
+        on that connection. Raises ``NotReplicatedException`` when too few
+        replicas acknowledged within ``durable_timeout``.
+        """
+        if self._durable is None:
+            return await self._run(name, keys, args)
+        sha, source = _SCRIPTS[name]
+        with translated_errors():
+            reply = await self._durable.evalsha(sha, source, keys, [*self._context, *args])
+            acknowledged = int(
+                await self._durable.execute("WAIT", self._durable_replicas, self._durable_ms)
+            )
+        if acknowledged < self._durable_replicas:
+            raise NotReplicatedException(
+                self._durable_replicas, acknowledged, self._durable_ms / 1000
+            )
+        return reply
+
     async def _call(self, name: str, args: Sequence[Any], **call_keys: str) -> Any:
         """Run script ``name`` with its declared KEYS (``SCRIPT_KEYS``) and its own ARGV."""
         keys = script_keys(self.keys, name, **call_keys) if call_keys else self._script_keys[name]
@@ -279,10 +314,11 @@ class TaskStore:
     async def enqueue(self, items: Sequence[EnqueueItem]) -> int:
         """Store tasks, all or none; returns how many were new.
 
-        Raises ``DuplicateTaskException`` or ``BackpressureException`` (nothing written).
+        Raises ``DuplicateTaskException`` or ``BackpressureException`` (nothing written),
+        or, with ``durable_enqueue``, ``NotReplicatedException`` (written; retry it).
         """
         keys, args = enqueue_call(self.keys, items, self._high_watermark, self._stale_ms)
-        reply = await self._run("enqueue", keys, args)
+        reply = await self._run_durably("enqueue", keys, args)
         code, value = int(reply[0]), int(reply[1])
         if code == 0:
             raise DuplicateTaskException(items[value - 1].request_id)
@@ -322,7 +358,7 @@ class TaskStore:
         args: list[Any] = [worker_id, self._ttl_ms, len(results)]
         for r in results:
             args += [r.request_id, r.attempt, r.data_json, repr(r.execution_time)]
-        codes = await self._call("complete", args)
+        codes = await self._run_durably("complete", self._script_keys["complete"], args)
         return [code == 1 for code in codes]
 
     async def fail(

@@ -105,6 +105,10 @@ class RedisSettings(_Section):
     sentinel: tuple[SentinelAddress, ...] = ()
     master_name: Annotated[str, StringConstraints(min_length=1, pattern=r"^\S+$")] = "mymaster"
     cluster: bool = False
+    # N > 0: an enqueue (and a completion) is acknowledged only once N replicas
+    # have it (WAIT N durable_timeout), so a failover cannot lose it.
+    durable_enqueue: NonNegativeInt = 0
+    durable_timeout: Seconds = 1.0  # how long WAIT waits for the replicas
 
     @field_validator("cluster")
     @classmethod

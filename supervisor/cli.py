@@ -21,6 +21,7 @@ from actors.endpoint import redacted
 from actors.exceptions import (
     BackpressureException,
     InvalidTaskException,
+    NotReplicatedException,
     QueueConnectionException,
     QueueError,
     TaskTimeoutException,
@@ -154,6 +155,12 @@ def report(
         logger.warning("응답 대기 시간 초과: %s", exc.request_id)
         eprint(f"error: {exc}")
         return CliExit.TIMEOUT
+    if isinstance(exc, NotReplicatedException):
+        logger.error(
+            "복제본 확인 부족 (%d/%d): 장애 조치 시 유실될 수 있음", exc.acknowledged, exc.wanted
+        )
+        eprint(f"error: not replicated: {exc}")
+        return CliExit.REDIS_UNREACHABLE
     if isinstance(exc, QueueConnectionException):
         url = redacted(settings.redis.url) if settings else "the configured URL"
         logger.error("Redis 에 연결할 수 없음: %s", url)
