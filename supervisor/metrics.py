@@ -81,6 +81,8 @@ class QueueReading:
     domain_rates: dict[str, float]  # the rate in force of the domains reported (bounded)
     throttled: dict[str, int]  # 429/503 answers by reason, since the queue was created
     scripts: dict[str, ScriptTotals]  # latency buckets and outcomes per script
+    paused: int  # rate keys paused now (a 429/503's Retry-After, an open circuit breaker)
+    gated: int  # pending tasks waiting at a rate-limited key's gate
 
 
 async def read_queue(queue: RedisQueue, exporter_id: str) -> QueueReading | None:
@@ -99,6 +101,7 @@ async def read_queue(queue: RedisQueue, exporter_id: str) -> QueueReading | None
         manager.throttled(THROTTLE_REASONS),
         QueueTelemetry(queue.connection, queue.keys).totals(),
     )
+    paused = await manager.paused_keys()
     # A bounded label set: the busiest domains first, then those held lowest.
     limited = [d for d in domains if d["rate"] is not None]
     limited.sort(key=lambda d: (-d["in_flight"], d["rate"]))
@@ -111,6 +114,8 @@ async def read_queue(queue: RedisQueue, exporter_id: str) -> QueueReading | None
         domain_rates={d["domain"]: d["rate"] for d in limited[:DOMAIN_LABELS]},
         throttled=throttled,
         scripts=scripts,
+        paused=len(paused),
+        gated=stats["gated"],
     )
 
 
@@ -179,6 +184,16 @@ class QueueCollector(Collector):
         for reason, value in reading.throttled.items():
             throttled.add_metric([reason], value)
         yield throttled
+        yield GaugeMetricFamily(
+            "scrapeq_paused_keys",
+            "Rate keys paused now (a 429/503's Retry-After, an open circuit breaker)",
+            value=reading.paused,
+        )
+        yield GaugeMetricFamily(
+            "scrapeq_gated_tasks",
+            "Pending tasks waiting for a rate-limited or capped key (in its gate)",
+            value=reading.gated,
+        )
         workers = GaugeMetricFamily(
             "scrapeq_workers", "Known workers by liveness", labels=["status"]
         )

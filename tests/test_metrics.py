@@ -108,8 +108,9 @@ async def test_domain_rates_and_throttles_are_exported_with_bounded_labels(
             [(lease.request_id, lease.attempt)],
             reason="rate_limited",
             pause_key=await domain_of(queue, lease.request_id),
-            pause=0.5,
+            pause=2.0,
         )
+    assert (await queue.store.claim("w2", 15)).leases == []  # each waits at its paused key
 
     samples = await scrape(server.port)
     rates = {
@@ -120,6 +121,8 @@ async def test_domain_rates_and_throttles_are_exported_with_bounded_labels(
     assert set(rates.values()) == {settings.politeness.start_rate}
     assert samples[("scrapeq_domain_throttled_total", (("reason", "rate_limited"),))] == 15
     assert samples[("scrapeq_domain_throttled_total", (("reason", "unavailable"),))] == 0
+    assert samples[("scrapeq_paused_keys", ())] == 15  # each for its Retry-After of 2 s
+    assert samples[("scrapeq_gated_tasks", ())] == 15
 
 
 async def test_unreachable_redis_is_reported_as_down_not_as_a_failed_scrape(
