@@ -16,6 +16,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from actors import redis_errors
+from actors.cluster import ClusterConnection
 from actors.endpoint import RedisEndpoint
 from actors.exceptions import BackpressureException, QueueConnectionException, ScriptError
 from actors.multiplexed import MultiplexedConnection
@@ -44,6 +45,16 @@ def endpoint_of(settings: Settings) -> RedisEndpoint:
 def open_calls(settings: Settings) -> MultiplexedConnection:
     """The connection a process's calls share: scripts, reads, operator commands."""
     return MultiplexedConnection(endpoint_of(settings), retries=RETRIES)
+
+
+def open_cluster_calls(settings: Settings) -> ClusterConnection:
+    """The calls connection of a Redis Cluster that ``url`` names one node of.
+
+    Raises :class:`~actors.cluster.ClusterConfigError` (a ValueError naming
+    the setting) for what a cluster cannot be reached through: Sentinel, a
+    unix socket, a database other than 0.
+    """
+    return ClusterConnection(endpoint_of(settings), retries=RETRIES)
 
 
 def open_subscription(
