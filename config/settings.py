@@ -105,6 +105,7 @@ class RedisSettings(_Section):
     sentinel: tuple[SentinelAddress, ...] = ()
     master_name: Annotated[str, StringConstraints(min_length=1, pattern=r"^\S+$")] = "mymaster"
     cluster: bool = False
+    partitions: PositiveInt = 1  # one logical queue over N hash tags; 1 = one (today's layout)
     # N > 0: an enqueue (and a completion) is acknowledged only once N replicas
     # have it (WAIT N durable_timeout), so a failover cannot lose it.
     durable_enqueue: NonNegativeInt = 0
@@ -118,6 +119,13 @@ class RedisSettings(_Section):
                 "Redis Cluster is not supported by this version (the partitioned queue adds it)"
             )
         return cluster
+
+    @field_validator("partitions")
+    @classmethod
+    def _one_partition_yet(cls, partitions: int) -> int:
+        if partitions != 1:
+            raise ValueError("only 1 partition is supported by this version (issue #15 adds more)")
+        return partitions
 
     @model_validator(mode="after")
     def _sentinel_is_not_embedded(self) -> Self:
