@@ -17,6 +17,7 @@ from enum import IntEnum
 from importlib import resources
 from typing import Any, NamedTuple
 
+from actors import redis_errors
 from actors.connection import translated_errors
 from actors.exceptions import (
     BackpressureException,
@@ -289,17 +290,27 @@ class TaskStore:
 
         On a connection of its own: WAIT holds up every later command on its
         connection until it returns, and covers every write sent before it
-        on that connection. Raises ``NotReplicatedException`` when too few
-        replicas acknowledged within ``durable_timeout``.
+        on that connection, and only on that server. So a reconnect between
+        the script and the WAIT (the old master demoted after a failover, its
+        clients killed: the WAIT would be retried on the new master, where
+        it proves nothing about the write) counts as not replicated, and so
+        does a WAIT the server refuses (a demoted master, now a replica).
+        Raises ``NotReplicatedException`` when too few replicas acknowledged
+        within ``durable_timeout``: the caller retries, and the script runs
+        again on the server that is master now.
         """
         if self._durable is None:
             return await self._run(name, keys, args)
         sha, source = _SCRIPTS[name]
+        durable = self._durable
         with translated_errors():
-            reply = await self._durable.evalsha(sha, source, keys, [*self._context, *args])
-            acknowledged = int(
-                await self._durable.execute("WAIT", self._durable_replicas, self._durable_ms)
-            )
+            connection_before = durable.reconnects
+            reply = await durable.evalsha(sha, source, keys, [*self._context, *args])
+            try:
+                waited = await durable.execute("WAIT", self._durable_replicas, self._durable_ms)
+            except redis_errors.ResponseError:
+                waited = 0
+        acknowledged = int(waited) if durable.reconnects == connection_before else 0
         if acknowledged < self._durable_replicas:
             raise NotReplicatedException(
                 self._durable_replicas, acknowledged, self._durable_ms / 1000
