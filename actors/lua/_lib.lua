@@ -150,8 +150,11 @@ local function save_history()
   task_batches, task_batch_names = {}, {}
   if #history > 0 then
     local text = #history == 1 and history[1] or '[' .. table.concat(history, ',') .. ']'
-    redis.pcall('XADD', HISTORY, '*', 'n', events, 'e', text)  -- never abort: history only
-    redis.pcall('INCRBY', HISTORY_COUNT, events)
+    -- Never abort: history only. Counted only when kept (a refused XADD, at
+    -- maxmemory say, must not make the count claim events that are not there).
+    if type(redis.pcall('XADD', HISTORY, '*', 'n', events, 'e', text)) == 'string' then
+      redis.pcall('INCRBY', HISTORY_COUNT, events)
+    end
   end
   history = {}
 end

@@ -23,6 +23,6 @@ if m > 0 then
   for i = 1, m do
     count_up(minute, ARGV[base + 2 * i - 1], tonumber(ARGV[base + 2 * i]) or 0)
   end
-  redis.call('PEXPIRE', minute, MINUTES_KEPT_MS)
+  redis.pcall('PEXPIRE', minute, MINUTES_KEPT_MS)  -- after writes: never abort
 end
 return n + m
