@@ -294,7 +294,8 @@ class TaskManager:
         this worker stalled), or for a task this process never dequeued, is
         refused and logged. Raises ``InvalidTaskException`` (field ``data``)
         for a result that is not JSON; one over ``max_result_bytes`` fails the
-        task for good.
+        task for good. A completion that raises ``QueueConnectionException``
+        (``NotReplicatedException`` included) may be reported again.
         """
         queue = self.queue
         lease = queue.leases.pop(response.request_id, None)
@@ -315,7 +316,13 @@ class TaskManager:
             completion = Completion(
                 response.request_id, attempt, data_json, response.execution_time or 0.0
             )
-            (accepted,) = await queue.store.complete(worker_id, [completion])
+            try:
+                (accepted,) = await queue.store.complete(worker_id, [completion])
+            except QueueConnectionException:
+                # Not recorded, or not replicated (durable_enqueue): the lease stays
+                # this process's, so the caller can report again (it is fenced).
+                queue.leases[response.request_id] = lease
+                raise
             if not accepted:
                 logger.warning(
                     "작업 %s 시도 %d 의 임대가 만료되어 완료 보고를 거부함",
