@@ -746,7 +746,10 @@ async def test_dead_letter_requeue_all_and_of_non_dead_ids(
 async def test_dead_letter_requeue_all_takes_a_bounded_batch_oldest_first(
     queue: RedisQueue, store: TaskStore
 ) -> None:
-    dead = [await dead_letter(queue) for _ in range(5)]
+    dead = []
+    for _ in range(5):
+        dead.append(await dead_letter(queue))
+        await asyncio.sleep(0.002)  # "oldest" is by the ms each was dead-lettered: no ties
 
     assert await store.dlq_requeue(None, limit=2) == (2, False, 2)
 
