@@ -219,6 +219,14 @@ class ClusterConnection:
         """Run one command on the master of its key's slot (any master if it has no key)."""
         return await self._routed(routing_key(args), lambda node, asking: _send(node, args, asking))
 
+    async def execute_at(self, key: Any, *args: Any) -> Any:
+        """Run one command on the master of ``key``'s slot although it names no key.
+
+        What a keyless command means per node: SCAN of one partition's keys,
+        WAIT for the replicas of the master a script just wrote to.
+        """
+        return await self._routed(key, lambda node, asking: _send(node, args, asking))
+
     async def execute_many(self, *commands: Sequence[Any]) -> list[Any]:
         """Run commands pipelined; replies in the caller's order.
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from actors import redis_errors
+from actors.calls import Calls
 from actors.cluster import ClusterConnection
 from actors.endpoint import RedisEndpoint
 from actors.exceptions import BackpressureException, QueueConnectionException, ScriptError
@@ -42,19 +43,17 @@ def endpoint_of(settings: Settings) -> RedisEndpoint:
     return endpoint
 
 
-def open_calls(settings: Settings) -> MultiplexedConnection:
-    """The connection a process's calls share: scripts, reads, operator commands."""
-    return MultiplexedConnection(endpoint_of(settings), retries=RETRIES)
+def open_calls(settings: Settings) -> Calls:
+    """The connection a process's calls share: scripts, reads, operator commands.
 
-
-def open_cluster_calls(settings: Settings) -> ClusterConnection:
-    """The calls connection of a Redis Cluster that ``url`` names one node of.
-
-    Raises :class:`~actors.cluster.ClusterConfigError` (a ValueError naming
-    the setting) for what a cluster cannot be reached through: Sentinel, a
-    unix socket, a database other than 0.
+    With ``[redis] cluster`` it spans the cluster that ``url`` names one node
+    of, and raises :class:`~actors.cluster.ClusterConfigError` (a ValueError
+    naming the setting) for what a cluster cannot be reached through: a unix
+    socket, a database other than 0.
     """
-    return ClusterConnection(endpoint_of(settings), retries=RETRIES)
+    if settings.redis.cluster:
+        return ClusterConnection(endpoint_of(settings), retries=RETRIES)
+    return MultiplexedConnection(endpoint_of(settings), retries=RETRIES)
 
 
 def open_subscription(

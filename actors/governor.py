@@ -73,19 +73,21 @@ class Governor(Actor):
         while not self.stop_requested.is_set():
             try:
                 if await store.hold_lock(keys.governor_lock, self.actor_id, LOCK_LEASE):
-                    with translated_errors():
-                        pending, (gated, started_raw) = await self.queue.connection.execute_many(
-                            ("ZCARD", keys.pending), ("HMGET", keys.stats, "gated", "started")
-                        )
-                    depth = pending + count_of(gated)
-                    started, now = count_of(started_raw), time.monotonic()
+                    depth, started = await self._measure()
+                    now = time.monotonic()
                     if last_started is not None and now > last_at:
                         sample = max(0, started - last_started) / (now - last_at)
                         drain += DRAIN_SMOOTHING * (sample - drain)
                     last_started, last_at = started, now
                     new_state = decide_state(state, depth, limits)
                     rate = admitted_rate(depth, drain, limits) if new_state == "throttled" else 0
-                    previous = await store.publish_backpressure(new_state, depth, rate, drain)
+                    # Every partition's enqueue script reads the state in its own slot.
+                    # Each admits its share of the throttled rate (the sum is the rate).
+                    stores = self.queue.stores
+                    for partition in reversed(stores):
+                        previous = await partition.publish_backpressure(
+                            new_state, depth, rate / len(stores), drain
+                        )
                     if previous != new_state:
                         logger.warning(
                             "배압 상태 변경: %s -> %s (대기 %d건, 허용 %.1f건/초)",
@@ -100,3 +102,16 @@ class Governor(Actor):
                 continue
             outage.succeeded()
             await self.sleep_unless_stopping(INTERVAL)
+
+    async def _measure(self) -> tuple[int, int]:
+        """The pending depth (pending + gated) and the tasks started ever, of all partitions."""
+        commands: list[tuple[str, ...]] = []
+        for keys in self.queue.partitions:
+            commands += [("ZCARD", keys.pending), ("HMGET", keys.stats, "gated", "started")]
+        with translated_errors():
+            replies = await self.queue.connection.execute_many(*commands)
+        depth = started = 0
+        for pending, (gated, started_raw) in zip(replies[::2], replies[1::2], strict=True):
+            depth += pending + count_of(gated)
+            started += count_of(started_raw)
+        return depth, started

@@ -50,7 +50,10 @@ class HeartbeatMonitor(Actor):
         if not reachability.may_judge(loop.time(), heartbeat.timeout):
             return
         for worker_id in await store.mark_lost(heartbeat.timeout):
-            requeued, dead = await store.requeue_worker(worker_id)
+            requeued = dead = 0
+            for partition in self.queue.stores:
+                taken_back, failed = await partition.requeue_worker(worker_id)
+                requeued, dead = requeued + taken_back, dead + failed
             logger.warning(
                 "워커 %s 응답 없음 (%.0f초): 작업 %d건 재전달, %d건 실패 처리",
                 worker_id,

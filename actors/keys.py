@@ -2,9 +2,13 @@
 
 Every key of one queue lives under ``<prefix>:{<queue>}:``. The braces are a
 Redis Cluster hash tag, so all of a queue's keys share one slot and a Lua
-script may touch any of them. Scripts receive the prefixes of per-task and
-per-worker keys (``task_prefix``, ``worker_prefix``) and append the id
-themselves; nothing else formats a key string.
+script may touch any of them. A partitioned queue (``[redis] partitions``,
+``actors/partitions.py``) is N such key spaces, one per hash tag; the
+channels every consumer listens on (events, responses) stay the queue's, so
+a listener never needs to know which partition a task is in. Scripts
+receive the prefixes of per-task and per-worker keys (``task_prefix``,
+``worker_prefix``) and append the id themselves; nothing else formats a key
+string.
 """
 
 from __future__ import annotations
@@ -50,11 +54,15 @@ class KeySpace:
         "workers",
     )
 
-    def __init__(self, prefix: str, queue: str = "default") -> None:
+    def __init__(self, prefix: str, queue: str = "default", tag: str | None = None) -> None:
+        """``tag``: the hash tag of one partition of ``queue`` (default: the queue's name)."""
         for field, value in (("redis.key_prefix", prefix), ("queue", queue)):
             if not _NAME.match(value):
                 raise ValueError(f"{field} must match {_NAME.pattern}, got {value!r}")
-        base = f"{prefix}:{{{queue}}}:"
+        if tag is not None and not _NAME.match(tag):
+            raise ValueError(f"partition tag must match {_NAME.pattern}, got {tag!r}")
+        queue_base = f"{prefix}:{{{queue}}}:"
+        base = f"{prefix}:{{{tag or queue}}}:"
         self.base = base
         self.pending = base + "pending"  # zset: id -> -priority * 1e12 + sequence
         self.running = base + "running"  # zset: id -> lease deadline (ms)
@@ -81,13 +89,13 @@ class KeySpace:
         self.reaper_lock = base + "lock:reaper"
         self.governor_lock = base + "lock:governor"
         self.metrics_lock = base + "lock:metrics"  # which /metrics exports the queue-wide metrics
-        self.events = base + "events"  # channel: JSON events
-        # Stream: recent events, one entry per script call (_lib.lua derives it from `events`).
-        self.history = self.events + ":history"
+        self.events = queue_base + "events"  # channel: JSON events (of every partition)
+        # Stream: recent events, one entry per script call (_lib.lua derives it from the base).
+        self.history = base + "events:history"
         self.history_count = self.history + ":count"  # string: events the history holds
         # Hash: latency buckets and outcomes per script, ever (_lib.lua, "Latency").
         self.metrics = base + "metrics"
-        self.done_prefix = base + "done:"  # channel per task: its final response
+        self.done_prefix = queue_base + "done:"  # channel per task: its final response
         self.wake = base + "wake"  # channel: tasks became claimable
 
     def task(self, request_id: str) -> str:
@@ -110,6 +118,14 @@ class KeySpace:
     def done(self, request_id: str) -> str:
         return self.done_prefix + request_id
 
-    def script_context(self) -> list[str]:
-        """The ARGV[1..4] every Lua script starts with (see lua/_lib.lua)."""
-        return [self.task_prefix, self.events, self.done_prefix, self.wake]
+    def script_context(self, *, always_publish: bool = False) -> list[str]:
+        """The ARGV[1..4] every Lua script starts with (see lua/_lib.lua).
+
+        ``always_publish``: the scripts publish every event without asking
+        whether anyone listens (marked by a ``{`` before the events channel,
+        which a channel name cannot start with). On a Redis Cluster, where a
+        node counts only its own subscribers, asking would silence events
+        that a subscriber on another node waits for.
+        """
+        events = "{" + self.events if always_publish else self.events
+        return [self.task_prefix, events, self.done_prefix, self.wake]

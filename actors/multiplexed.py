@@ -178,6 +178,10 @@ class MultiplexedConnection:
                 attempt += 1
                 await asyncio.sleep(jittered(attempt, self._backoff_base, self._backoff_cap))
 
+    async def execute_at(self, key: Any, *args: Any) -> Any:
+        """Run one command; ``key`` says where on a cluster (``actors/calls.py``), here nothing."""
+        return await self.execute(*args)
+
     async def execute_many(self, *commands: Sequence[Any]) -> list[Any]:
         """Run commands pipelined (all written before any reply is awaited); replies in order."""
         return list(await asyncio.gather(*(self.execute(*command) for command in commands)))

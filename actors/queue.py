@@ -13,10 +13,11 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
+from actors.calls import Calls
 from actors.connection import open_calls, translated_errors
 from actors.exceptions import (
     BackpressureException,
@@ -34,7 +35,7 @@ from actors.models import (
     TaskStatus,
     stored_result,
 )
-from actors.multiplexed import MultiplexedConnection
+from actors.partitions import partition_keys, place
 from actors.ratelimits import rate_keys
 from actors.rights import PRODUCER_PROBED
 from actors.store import Completion, EnqueueItem, FailOutcome, Lease, TaskStore
@@ -53,7 +54,12 @@ ENQUEUE_WINDOW = 4
 
 
 class RedisQueue:
-    """A connection to one queue in Redis."""
+    """A connection to one queue in Redis: its ``[redis] partitions`` key spaces.
+
+    ``keys`` and ``store`` are partition 0's, the home of what is the queue's
+    (workers, locks, metrics); ``partitions`` and ``stores`` are all of them,
+    in order. With one partition the two are the same.
+    """
 
     def __init__(
         self,
@@ -66,17 +72,22 @@ class RedisQueue:
         may run; a Gateway's by default, ``supervisor start`` asks for a worker host's."""
         self.settings = settings
         self._rights = rights
-        self.keys = KeySpace(settings.redis.key_prefix, queue)
-        self._connection: MultiplexedConnection | None = None
-        self._durable: MultiplexedConnection | None = None  # [redis] durable_enqueue > 0
-        self._store: TaskStore | None = None
+        self.partitions = partition_keys(
+            settings.redis.key_prefix, queue, settings.redis.partitions
+        )
+        self.keys: KeySpace = self.partitions[0]
+        self._connection: Calls | None = None
+        self._durable: Calls | None = None  # [redis] durable_enqueue > 0
+        self._stores: list[TaskStore] = []
+        self._next_partition = 0  # where dequeue_task's next claim starts
         self._hub: ResponseHub | None = None
         self._wakeup: Wakeup | None = None
         # Leases this instance handed out through dequeue_task: request id ->
-        # (worker id, attempt), the fencing token complete_task reports with.
-        # Bounded: the oldest of a caller that never reports are forgotten
-        # (their report is refused; the lease expires and the task reruns).
-        self.leases: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        # (worker id, attempt, partition); the attempt is the fencing token
+        # complete_task reports with. Bounded: the oldest of a caller that never
+        # reports are forgotten (their report is refused; the lease expires and
+        # the task reruns).
+        self.leases: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
 
     async def connect(self) -> None:
         if self._connection is not None:
@@ -84,7 +95,11 @@ class RedisQueue:
         connection = open_calls(self.settings)
         # Durable writes WAIT for replicas on a connection of their own (TaskStore).
         durable = open_calls(self.settings) if self.settings.redis.durable_enqueue else None
-        store = TaskStore(connection, self.keys, self.settings, durable)
+        stores = [
+            TaskStore(connection, keys, self.settings, durable, index)
+            for index, keys in enumerate(self.partitions)
+        ]
+        store = stores[0]
         try:
             with translated_errors():
                 await connection.execute("PING")
@@ -100,7 +115,7 @@ class RedisQueue:
             raise
         self._connection = connection
         self._durable = durable
-        self._store = store
+        self._stores = stores
         self._hub = ResponseHub(self.settings, self.keys, self.read_responses)
 
     async def close(self) -> None:
@@ -113,7 +128,15 @@ class RedisQueue:
         if self._durable is not None:
             await self._durable.close()
         self._connection = self._durable = None
-        self._store = self._hub = self._wakeup = None
+        self._hub = self._wakeup = None
+        self._stores = []
+
+    async def publish_settings(self, settings: Settings) -> None:
+        """Publish the limits (``TaskStore.set_limits``) and the history's bounds
+        (``keep_history``) in every partition: each partition's scripts read their own."""
+        for store in self.stores:
+            await store.set_limits(settings, share=len(self.stores))
+            await store.keep_history(settings.events)
 
     async def ping(self) -> None:
         """One round trip to Redis; raises QueueConnectionException if it is away."""
@@ -128,7 +151,7 @@ class RedisQueue:
         await self.close()
 
     @property
-    def connection(self) -> MultiplexedConnection:
+    def connection(self) -> Calls:
         """The connection every call of this queue shares (scripts, reads; many at once)."""
         if self._connection is None:
             raise QueueConnectionException("RedisQueue is not connected: call connect() first")
@@ -136,9 +159,20 @@ class RedisQueue:
 
     @property
     def store(self) -> TaskStore:
-        if self._store is None:
+        """Partition 0's store: the home of the workers, the locks and the metrics."""
+        return self.stores[0]
+
+    @property
+    def stores(self) -> list[TaskStore]:
+        """One store per partition, in partition order."""
+        if not self._stores:
             raise QueueConnectionException("RedisQueue is not connected: call connect() first")
-        return self._store
+        return self._stores
+
+    def store_for(self, item: EnqueueItem) -> TaskStore:
+        """The store of the partition a task is placed in (``actors/partitions.py``)."""
+        stores = self.stores
+        return stores[place(item.rate_keys, item.request_id, len(stores))]
 
     # -- Gateway side ---------------------------------------------------------
 
@@ -176,27 +210,37 @@ class RedisQueue:
         Enqueuing the very same request twice is harmless (idempotent); a
         different request with a used id raises ``DuplicateTaskException``.
         """
-        await self.store.enqueue([self.prepare(request)])
+        item = self.prepare(request)
+        await self.store_for(item).enqueue([item])
         return request.request_id
 
     async def enqueue_many(self, requests: Sequence[ScrapingRequest]) -> list[str]:
         """Store many tasks in chunks of ``ENQUEUE_CHUNK``, each chunk all or nothing.
 
-        Every request is validated before anything is written. Up to
-        ``ENQUEUE_WINDOW`` chunks are in flight at once, so Redis runs one
-        while the next is sent. If one fails (backpressure, a duplicate id),
-        others may be stored: enqueueing the same requests again is safe,
-        since an id already holding the same request is a no-op.
+        Every request is validated before anything is written. A chunk holds
+        tasks of one partition. Up to ``ENQUEUE_WINDOW`` chunks are in flight
+        at once, so Redis runs one while the next is sent. If one fails
+        (backpressure, a duplicate id), others may be stored: enqueueing the
+        same requests again is safe, since an id already holding the same
+        request is a no-op.
         """
         items = [self.prepare(request) for request in requests]
         window = asyncio.Semaphore(ENQUEUE_WINDOW)
 
-        async def send(chunk: Sequence[EnqueueItem]) -> None:
+        async def send(store: TaskStore, chunk: Sequence[EnqueueItem]) -> None:
             async with window:
-                await self.store.enqueue(chunk)
+                await store.enqueue(chunk)
 
-        chunks = [items[i : i + ENQUEUE_CHUNK] for i in range(0, len(items), ENQUEUE_CHUNK)]
-        await asyncio.gather(*(send(chunk) for chunk in chunks))
+        by_partition: dict[int, list[EnqueueItem]] = {}
+        for item in items:
+            by_partition.setdefault(self.store_for(item).partition, []).append(item)
+        await asyncio.gather(
+            *(
+                send(self.stores[index], part[i : i + ENQUEUE_CHUNK])
+                for index, part in by_partition.items()
+                for i in range(0, len(part), ENQUEUE_CHUNK)
+            )
+        )
         return [item.request_id for item in items]
 
     async def read_response(self, request_id: str) -> bytes | None:
@@ -205,16 +249,35 @@ class RedisQueue:
         return response
 
     async def read_responses(self, request_ids: Sequence[str]) -> list[bytes | None]:
-        """The stored responses of many tasks, pipelined on the multiplexed connection."""
-        connection = self.connection
+        """The stored responses of many tasks, pipelined on the multiplexed connection.
+
+        A partitioned queue asks every partition for each id (the id alone
+        does not say where its domain placed it): still O(1) in the tasks.
+        """
+        connection, partitions = self.connection, self.partitions
         with translated_errors():
             responses = await asyncio.gather(
                 *(
-                    connection.execute("HGET", self.keys.task(rid), "response")
+                    connection.execute("HGET", keys.task(rid), "response")
                     for rid in request_ids
+                    for keys in partitions
                 )
             )
-        return cast(list[bytes | None], responses)
+        n = len(partitions)
+        return [
+            next((r for r in responses[i * n : (i + 1) * n] if r is not None), None)
+            for i in range(len(request_ids))
+        ]
+
+    async def locate(self, request_id: str) -> int | None:
+        """The partition holding the task's record, or None when none does."""
+        if len(self.partitions) == 1:
+            return 0
+        with translated_errors():
+            found = await self.connection.execute_many(
+                *(("EXISTS", keys.task(request_id)) for keys in self.partitions)
+            )
+        return next((index for index, exists in enumerate(found) if exists), None)
 
     async def wait_for_response(self, request_id: str, timeout: float) -> ScrapingResponse:
         """Wait (push-based) for the task's final response.
@@ -230,37 +293,52 @@ class RedisQueue:
 
     async def cancel_task(self, request_id: str) -> bool:
         """Cancel a pending, retrying or running task; False if it already finished."""
-        return await self.store.cancel(request_id)
+        index = await self.locate(request_id)
+        return index is not None and await self.stores[index].cancel(request_id)
 
     # -- Worker side ----------------------------------------------------------
 
     async def dequeue_task(self, worker_id: str, timeout: float = 5.0) -> ScrapingRequest | None:
-        """Lease the next task to ``worker_id``, waiting up to ``timeout`` for one."""
+        """Lease the next task to ``worker_id``, waiting up to ``timeout`` for one.
+
+        A partitioned queue is asked partition by partition, starting one
+        further each call, so that no partition starves.
+        """
         deadline = time.monotonic() + timeout
+        stores = self.stores
         while True:
-            claim = await self.store.claim(worker_id, 1)
-            for lease in claim.leases:
-                request = await self.decode_lease(worker_id, lease)
-                if request is not None:
-                    self.leases[request.request_id] = (worker_id, lease.attempt)
-                    if len(self.leases) > MAX_LEASES:
-                        forgotten, _ = self.leases.popitem(last=False)
-                        logger.warning(
-                            "보고되지 않은 임대가 %d개를 넘어 가장 오래된 작업 %s 의 임대를 잊음",
-                            MAX_LEASES,
-                            forgotten,
+            wait_ms = -1
+            for turn in range(len(stores)):
+                store = stores[(self._next_partition + turn) % len(stores)]
+                claim = await store.claim(worker_id, 1)
+                for lease in claim.leases:
+                    self._next_partition = store.partition + 1
+                    request = await self.decode_lease(worker_id, lease)
+                    if request is not None:
+                        self._remember(
+                            request.request_id, (worker_id, lease.attempt, store.partition)
                         )
-                    return request
-            if claim.leases:
-                continue  # the one claimed was a broken record: try the next
+                        return request
+                if claim.wait_ms >= 0:
+                    wait_ms = claim.wait_ms if wait_ms < 0 else min(wait_ms, claim.wait_ms)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            if claim.wait_ms >= 0:
-                remaining = min(remaining, claim.wait_ms / 1000)
+            if wait_ms >= 0:
+                remaining = min(remaining, wait_ms / 1000)
             if self._wakeup is None:
-                self._wakeup = Wakeup(self.settings, self.keys.wake)
+                self._wakeup = Wakeup(self.settings, [keys.wake for keys in self.partitions])
             await self._wakeup.wait(remaining)
+
+    def _remember(self, request_id: str, lease: tuple[str, int, int]) -> None:
+        self.leases[request_id] = lease
+        if len(self.leases) > MAX_LEASES:
+            forgotten, _ = self.leases.popitem(last=False)
+            logger.warning(
+                "보고되지 않은 임대가 %d개를 넘어 가장 오래된 작업 %s 의 임대를 잊음",
+                MAX_LEASES,
+                forgotten,
+            )
 
     async def decode_lease(self, worker_id: str, lease: Lease) -> ScrapingRequest | None:
         """The request of a lease; a corrupt record is dead-lettered, not crashed on."""
@@ -268,7 +346,7 @@ class RedisQueue:
             return ScrapingRequest.from_stored(lease.request_json, lease.request_id)
         except (InvalidTaskException, ValueError) as exc:
             logger.error("작업 %s 의 저장된 요청이 손상됨, 격리함: %s", lease.request_id, exc)
-            await self.store.fail(
+            await self.stores[lease.partition].fail(
                 worker_id,
                 lease.request_id,
                 lease.attempt,
@@ -306,18 +384,19 @@ class TaskManager:
                 response.request_id,
             )
             return False
-        worker_id, attempt = lease
+        worker_id, attempt, partition = lease
+        store = queue.stores[partition]
         if response.status is TaskStatus.COMPLETED:
             limit = queue.settings.tasks.max_result_bytes
             try:
                 data_json = stored_result(response.data, limit)
             except ResultTooLarge as exc:
-                return await self._fail(worker_id, response.request_id, attempt, str(exc), True)
+                return await self._fail(store, (worker_id, response.request_id, attempt), str(exc))
             completion = Completion(
                 response.request_id, attempt, data_json, response.execution_time or 0.0
             )
             try:
-                (accepted,) = await queue.store.complete(worker_id, [completion])
+                (accepted,) = await store.complete(worker_id, [completion])
             except QueueConnectionException:
                 # Not recorded, or not replicated (durable_enqueue): the lease stays
                 # this process's, so the caller can report again (it is fenced).
@@ -331,24 +410,32 @@ class TaskManager:
                 )
             return accepted
         if response.status is TaskStatus.CANCELLED:
-            return await queue.store.cancel(response.request_id, lease=(worker_id, attempt))
+            return await store.cancel(response.request_id, lease=(worker_id, attempt))
         error = response.error or f"task reported status {response.status}"
-        return await self._fail(worker_id, response.request_id, attempt, error, False)
-
-    async def _fail(
-        self, worker_id: str, request_id: str, attempt: int, error: str, permanent: bool
-    ) -> bool:
-        outcome, _ = await self.queue.store.fail(
-            worker_id, request_id, attempt, error, permanent=permanent
+        return await self._fail(
+            store, (worker_id, response.request_id, attempt), error, permanent=False
         )
+
+    @staticmethod
+    async def _fail(
+        store: TaskStore,
+        lease: tuple[str, str, int],
+        error: str,
+        *,
+        permanent: bool = True,
+    ) -> bool:
+        """Report a failed attempt of ``lease`` (worker id, request id, attempt)."""
+        worker_id, request_id, attempt = lease
+        outcome, _ = await store.fail(worker_id, request_id, attempt, error, permanent=permanent)
         return outcome is not FailOutcome.REFUSED
 
     async def get_task_status(self, request_id: str) -> TaskStatus | None:
-        """The task's status in O(1), or None if it does not exist."""
+        """The task's status in O(1) (one probe per partition), or None if it does not exist."""
         with translated_errors():
-            status: Any = await self.queue.connection.execute(
-                "HGET", self.queue.keys.task(request_id), "status"
+            found = await self.queue.connection.execute_many(
+                *(("HGET", keys.task(request_id), "status") for keys in self.queue.partitions)
             )
+        status = next((raw for raw in found if raw is not None), None)
         return None if status is None else TaskStatus(status.decode())
 
     async def get_response(self, request_id: str) -> ScrapingResponse | None:
@@ -359,9 +446,10 @@ class TaskManager:
     async def get_task(self, request_id: str) -> dict[str, Any] | None:
         """Everything stored about one task (for operators), or None."""
         with translated_errors():
-            record = as_dict(
-                await self.queue.connection.execute("HGETALL", self.queue.keys.task(request_id))
+            found = await self.queue.connection.execute_many(
+                *(("HGETALL", keys.task(request_id)) for keys in self.queue.partitions)
             )
+        record = as_dict(next((raw for raw in found if raw), []))
         return decode_record(record) if record else None
 
     async def cleanup_old_tasks(self) -> int:
@@ -370,23 +458,36 @@ class TaskManager:
         Completed, failed and cancelled records expire on their own after
         ``result_ttl`` (a Redis TTL set when they finish).
         """
-        removed, _ = await self.queue.store.cleanup()
+        removed = 0
+        for store in self.queue.stores:
+            removed += (await store.cleanup())[0]
         return removed
 
     async def list_dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The newest dead letters: request, last error, attempt history."""
-        keys = self.queue.keys
+        """The newest dead letters (of all partitions): request, last error, attempt history."""
+        partitions = self.queue.partitions
         connection = self.queue.connection
         with translated_errors():
-            ids: list[bytes] = await connection.execute(
-                "ZRANGE", keys.dead, 0, max(0, limit - 1), "REV"
+            per_partition = await connection.execute_many(
+                *(
+                    ("ZRANGE", keys.dead, 0, max(0, limit - 1), "REV", "WITHSCORES")
+                    for keys in partitions
+                )
             )
+            newest = sorted(
+                (
+                    (float(score), rid.decode(), keys)
+                    for keys, reply in zip(partitions, per_partition, strict=True)
+                    for rid, score in zip(reply[::2], reply[1::2], strict=True)
+                ),
+                key=lambda found: -found[0],
+            )[:limit]
             records = await connection.execute_many(
-                *(("HGETALL", keys.task(rid.decode())) for rid in ids)
+                *(("HGETALL", keys.task(rid)) for _, rid, keys in newest)
             )
         return [
-            decode_record(as_dict(record)) | {"request_id": rid.decode()}
-            for rid, record in zip(ids, records, strict=True)
+            decode_record(as_dict(record)) | {"request_id": rid}
+            for (_, rid, _), record in zip(newest, records, strict=True)
             if record
         ]
 
@@ -395,7 +496,10 @@ class TaskManager:
 
         Raises ``BackpressureException`` when the queue is at its high watermark.
         """
-        requeued, full, _ = await self.queue.store.dlq_requeue([request_id])
+        index = await self.queue.locate(request_id)
+        if index is None:
+            return False
+        requeued, full, _ = await self.queue.stores[index].dlq_requeue([request_id])
         if full:
             raise BackpressureException(1.0, "the queue is at its high watermark")
         return requeued == 1
@@ -408,29 +512,33 @@ class TaskManager:
         stay dead letters for a later retry.
         """
         total = 0
-        while True:
-            requeued, full, taken = await self.queue.store.dlq_requeue(None)
-            total += requeued
-            if full:
-                raise BackpressureException(
-                    1.0, f"the queue is at its high watermark after {total} dead letters requeued"
-                )
-            if taken == 0:
-                return total
+        for store in self.queue.stores:
+            while True:
+                requeued, full, taken = await store.dlq_requeue(None)
+                total += requeued
+                if full:
+                    raise BackpressureException(
+                        1.0,
+                        f"the queue is at its high watermark after {total} dead letters requeued",
+                    )
+                if taken == 0:
+                    break
+        return total
 
     async def purge_dead_letters(self) -> int:
-        return await self.queue.store.dlq_purge()
+        return sum([await store.dlq_purge() for store in self.queue.stores])
 
     async def paused_keys(self) -> dict[str, float]:
         """Rate keys paused now (HTTP 429 or circuit breaker): key -> seconds left."""
         with translated_errors():
-            time, fields = await self.queue.connection.execute_many(
-                ("TIME",), ("HGETALL", self.queue.keys.paused)
+            time, *fields = await self.queue.connection.execute_many(
+                ("TIME",), *(("HGETALL", keys.paused) for keys in self.queue.partitions)
             )
         now_ms = time_ms(time)
         return {
             key.decode(): (until - now_ms) / 1000
-            for key, until in numbers(as_dict(fields)).items()
+            for paused in fields
+            for key, until in numbers(as_dict(paused)).items()
             if until > now_ms
         }
 
@@ -441,9 +549,19 @@ class TaskManager:
         ``limit`` (configured tasks/s or None), ``rate`` (in force: learned or
         configured, None = unlimited), ``learned`` (or None), ``window`` (slow
         start; None once unknown), ``throttled_last_minute`` (429/503 answers)
-        and ``paused_for`` (seconds, 0 = not paused).
+        and ``paused_for`` (seconds, 0 = not paused). A domain's state lives in
+        one partition (its tasks' placement), so the partitions' lists add up.
         """
-        keys = self.queue.keys
+        found: list[dict[str, Any]] = []
+        for keys in self.queue.partitions:
+            found += await self._domains_of(keys)
+        found.sort(
+            key=lambda d: (-int(d["in_flight"]), -int(d["throttled_last_minute"]), d["domain"])
+        )
+        return found
+
+    async def _domains_of(self, keys: KeySpace) -> list[dict[str, Any]]:
+        """``domains`` of one partition, unsorted."""
         connection = self.queue.connection
         with translated_errors():
             time, kind, limits, paused, policy = await connection.execute_many(
@@ -489,20 +607,22 @@ class TaskManager:
                     "paused_for": max(0.0, (pauses.get(name, 0) - now_ms) / 1000),
                 }
             )
-        found.sort(
-            key=lambda d: (-int(d["in_flight"]), -int(d["throttled_last_minute"]), d["domain"])
-        )
         return found
 
     async def queue_stats(self) -> dict[str, int]:
-        """Counts per state: current depths and monotonic totals."""
-        keys = self.queue.keys
+        """Counts per state (of all partitions): current depths and monotonic totals."""
+        commands: list[tuple[str, str]] = []
+        for keys in self.queue.partitions:
+            commands += [
+                ("ZCARD", key) for key in (keys.pending, keys.running, keys.delayed, keys.dead)
+            ]
+            commands.append(("HGETALL", keys.stats))
         with translated_errors():
-            pending, running, retrying, dead, totals = await self.queue.connection.execute_many(
-                *(("ZCARD", key) for key in (keys.pending, keys.running, keys.delayed, keys.dead)),
-                ("HGETALL", keys.stats),
-            )
-        counters = {k.decode(): v for k, v in numbers(as_dict(totals)).items()}
+            replies = await self.queue.connection.execute_many(*commands)
+        pending, running, retrying, dead = (sum(replies[i::5]) for i in range(4))
+        counters: Counter[str] = Counter()
+        for totals in replies[4::5]:
+            counters.update({k.decode(): v for k, v in numbers(as_dict(totals)).items()})
         gated = counters.get("gated", 0)
         return {
             "pending": pending + gated,
@@ -519,11 +639,15 @@ class TaskManager:
 
     async def throttled(self, reasons: Sequence[str]) -> dict[str, int]:
         """429/503 answers scripts reported, by reason (``RateLimited.reason``), ever."""
+        fields = [f"throttled:{reason}" for reason in reasons]
         with translated_errors():
-            counts = await self.queue.connection.execute(
-                "HMGET", self.queue.keys.stats, *(f"throttled:{reason}" for reason in reasons)
+            replies = await self.queue.connection.execute_many(
+                *(("HMGET", keys.stats, *fields) for keys in self.queue.partitions)
             )
-        return {reason: count_of(raw) for reason, raw in zip(reasons, counts, strict=True)}
+        return {
+            reason: sum(count_of(counts[i]) for counts in replies)
+            for i, reason in enumerate(reasons)
+        }
 
     async def backpressure_fields(self) -> dict[bytes, bytes]:
         """The governor's published state (``state``, ``depth``, ``rate``, ...), as stored."""

@@ -19,6 +19,7 @@ from actors.backoff import Outage
 from actors.base import Actor
 from actors.exceptions import QueueError
 from actors.reachability import RedisReachability
+from actors.store import TaskStore
 from config.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,11 @@ class Reaper(Actor):
 
     def __init__(self, actor_id: str, settings: Settings, parent_pid: int) -> None:
         super().__init__(actor_id, settings, parent_pid)
-        self._sweep_cursor = 0  # where the sweep goes on (a SCAN cursor; 0: from the start)
-        self._domain_cursors = "0 0 0"  # where the walk over per-domain state goes on
+        partitions = settings.redis.partitions
+        # Per partition: where the sweep goes on (a SCAN cursor; 0: from the start)
+        # and where the walk over per-domain state goes on.
+        self._sweep_cursors = [0] * partitions
+        self._domain_cursors = ["0 0 0"] * partitions
         self._reachability = RedisReachability()
 
     async def run(self) -> None:
@@ -72,42 +76,50 @@ class Reaper(Actor):
                     await store.release_lock(lock, self.actor_id)
 
     async def _reap(self, next_cleanup: float) -> float:
-        store = self.queue.store
+        """One pass over every partition; returns when the next cleanup is due."""
         now = time.monotonic()
         # Right after an outage every live worker looks silent (its beats and
         # lease renewals could not get through): leases are not taken back
         # and workers not forgotten until each has had time to beat again.
         judging = self._reachability.may_judge(now, self.settings.heartbeat.timeout)
+        cleaning = judging and now >= next_cleanup
+        for store in self.queue.stores:
+            await self._reap_partition(store, judging=judging, cleaning=cleaning)
+        return now + self.settings.tasks.cleanup_interval if cleaning else next_cleanup
+
+    async def _reap_partition(self, store: TaskStore, *, judging: bool, cleaning: bool) -> None:
         if judging:
             requeued, dead = await store.requeue_expired()
             if requeued or dead:
                 logger.warning("임대 만료 작업 %d건 재전달, %d건 실패 처리", requeued, dead)
         await store.promote_due()
-        await self._sweep()
-        await self._prune_domains()
+        await self._sweep(store)
+        await self._prune_domains(store)
         await store.keep_history(self.settings.events)
-        if now < next_cleanup or not judging:
-            return next_cleanup
+        if not cleaning:
+            return
         removed, forgotten = await store.cleanup()
         if removed or forgotten:
             logger.info("보존 기간 정리: 데드레터 %d건, 워커 %d개 삭제", removed, forgotten)
         fixed = await store.recount_slots()
         if fixed:
             logger.warning("도메인 %d개의 실행 중 작업 수가 실제와 달라 바로잡음", fixed)
-        return now + self.settings.tasks.cleanup_interval
 
-    async def _prune_domains(self) -> None:
+    async def _prune_domains(self, store: TaskStore) -> None:
         """One step of the walk over per-domain state: idle rates decay, old domains go."""
-        politeness = self.settings.politeness
-        self._domain_cursors, forgotten = await self.queue.store.prune_domains(
-            self._domain_cursors, SWEEP_COUNT, politeness.idle_decay, politeness.forget_after
+        politeness, index = self.settings.politeness, store.partition
+        self._domain_cursors[index], forgotten = await store.prune_domains(
+            self._domain_cursors[index],
+            SWEEP_COUNT,
+            politeness.idle_decay,
+            politeness.forget_after,
         )
         if forgotten:
             logger.info(
                 "%.0f초 동안 조용했던 도메인 %d개의 상태 삭제", politeness.forget_after, forgotten
             )
 
-    async def _sweep(self) -> None:
+    async def _sweep(self, store: TaskStore) -> None:
         """One step of the endless sweep for task records in no queue set (repair.lua).
 
         No script of this version leaves such a record, but an older one that
@@ -115,8 +127,10 @@ class Reaper(Actor):
         task there would never run. Repairs are counted in the stats hash
         (``scrapeq_tasks_repaired_total``).
         """
-        store = self.queue.store
-        self._sweep_cursor, ids = await store.scan_tasks(self._sweep_cursor, SWEEP_COUNT)
+        index = store.partition
+        self._sweep_cursors[index], ids = await store.scan_tasks(
+            self._sweep_cursors[index], SWEEP_COUNT
+        )
         if ids:
             repaired = await store.repair(ids)
             if repaired:

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from actors import redis_errors
+from actors.calls import Calls
 from actors.connection import translated_errors
 from actors.exceptions import (
     BackpressureException,
@@ -26,7 +27,6 @@ from actors.exceptions import (
     ScriptError,
 )
 from actors.keys import KeySpace
-from actors.multiplexed import MultiplexedConnection
 from actors.ratelimits import politeness_fields
 from config.settings import EventsSettings, Settings
 
@@ -223,6 +223,7 @@ class Lease:
     attempt: int
     request_json: bytes
     queued: float = 0.0  # seconds it waited since it last became claimable
+    partition: int = 0  # which partition of the queue holds the task (actors/partitions.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +238,7 @@ class Completion:
     attempt: int
     data_json: str
     execution_time: float
+    partition: int = 0  # of the queue: where the lease is (actors/partitions.py)
 
 
 class FailOutcome(IntEnum):
@@ -254,18 +256,21 @@ class TaskStore:
 
     def __init__(
         self,
-        connection: MultiplexedConnection,
+        connection: Calls,
         keys: KeySpace,
         settings: Settings,
-        durable: MultiplexedConnection | None = None,
+        durable: Calls | None = None,
+        partition: int = 0,
     ) -> None:
-        """``durable``: the connection of the durable writes (``[redis] durable_enqueue`` > 0)."""
+        """``durable``: the connection of the durable writes (``[redis] durable_enqueue`` > 0);
+        ``partition``: which partition of the queue ``keys`` are (its leases say so)."""
+        self.partition = partition
         self._connection = connection
         self._durable = durable
         self._durable_replicas = settings.redis.durable_enqueue
         self._durable_ms = int(settings.redis.durable_timeout * 1000)
         self.keys = keys
-        self._context = keys.script_context()
+        self._context = keys.script_context(always_publish=settings.redis.cluster)
         # The KEYS of every script that needs none from the call, built once.
         self._script_keys = {
             name: script_keys(keys, name)
@@ -307,7 +312,10 @@ class TaskStore:
             connection_before = durable.reconnects
             reply = await durable.evalsha(sha, source, keys, [*self._context, *args])
             try:
-                waited = await durable.execute("WAIT", self._durable_replicas, self._durable_ms)
+                # On a cluster: the master the script wrote to (its first key's).
+                waited = await durable.execute_at(
+                    keys[0], "WAIT", self._durable_replicas, self._durable_ms
+                )
             except redis_errors.ResponseError:
                 waited = 0
         acknowledged = int(waited) if durable.reconnects == connection_before else 0
@@ -352,7 +360,13 @@ class TaskStore:
             ],
         )
         leases = [
-            Lease(reply[i].decode(), int(reply[i + 1]), reply[i + 2], int(reply[i + 3]) / 1000)
+            Lease(
+                reply[i].decode(),
+                int(reply[i + 1]),
+                reply[i + 2],
+                int(reply[i + 3]) / 1000,
+                self.partition,
+            )
             for i in range(1, len(reply), 4)
         ]
         return ClaimResult(leases, int(reply[0]))
@@ -462,8 +476,8 @@ class TaskStore:
         """One SCAN step over the task records; returns the next cursor (0: done) and ids."""
         prefix = self.keys.task_prefix
         with translated_errors():
-            next_cursor, found = await self._connection.execute(
-                "SCAN", cursor, "MATCH", prefix + "*", "COUNT", count
+            next_cursor, found = await self._connection.execute_at(
+                self.keys.stats, "SCAN", cursor, "MATCH", prefix + "*", "COUNT", count
             )
         return int(next_cursor), [key.decode()[len(prefix) :] for key in found]
 
@@ -529,8 +543,14 @@ class TaskStore:
     async def release_lock(self, key: str, owner: str) -> None:
         await self._call("lock", [owner, 0, "release"], lock=key)
 
-    async def set_limits(self, settings: Settings) -> int:
-        """Publish ``[rate_limits]``, ``[circuit_breaker]`` and ``[politeness]`` for every host."""
+    async def set_limits(self, settings: Settings, share: int = 1) -> int:
+        """Publish ``[rate_limits]``, ``[circuit_breaker]`` and ``[politeness]`` for every host.
+
+        ``share``: of how many partitions this is one. A domain's tasks are
+        all in one partition, so its limit applies whole there; the tasks of
+        a script are spread over all, so each partition gets ``1/share`` of a
+        ``script:`` key's rate (their sum is the configured rate).
+        """
         breaker = settings.circuit_breaker
         args: list[Any] = [
             breaker.failures,
@@ -538,7 +558,7 @@ class TaskStore:
             len(settings.rate_limits),
         ]
         for key, rate in settings.rate_limits.items():
-            args += [key, rate]
+            args += [key, rate / share if key.startswith("script:") else rate]
         policy = politeness_fields(settings.politeness)
         args.append(len(policy))
         for name, value in policy.items():
@@ -577,6 +597,10 @@ class TaskStore:
         return cursors_after.decode(), int(forgotten)
 
     async def publish_backpressure(self, state: str, depth: int, rate: float, drain: float) -> str:
-        """Publish the governor's state; returns the previous one ("" if none)."""
-        previous = await self._call("backpressure", [state, depth, repr(rate), repr(drain)])
+        """Publish the governor's state in this partition; returns the previous one ("" if none).
+
+        ``rate``: the enqueues per second this partition admits while throttled.
+        """
+        home = 1 if self.partition == 0 else 0
+        previous = await self._call("backpressure", [state, depth, repr(rate), repr(drain), home])
         return str(previous.decode())

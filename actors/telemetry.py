@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.calls import Calls
 from actors.connection import translated_errors
 from actors.keys import KeySpace
-from actors.multiplexed import MultiplexedConnection
 
 #: Upper bounds (seconds) of the latency buckets, suited to scraping; a last one, +Inf, follows.
 LATENCY_BUCKETS = (
@@ -221,7 +221,7 @@ def parse_totals(fields: Mapping[bytes, bytes]) -> dict[str, ScriptTotals]:
 class QueueTelemetry:
     """Reads the latency and throughput counts of one queue."""
 
-    def __init__(self, connection: MultiplexedConnection, keys: KeySpace) -> None:
+    def __init__(self, connection: Calls, keys: KeySpace) -> None:
         self._connection = connection
         self._keys = keys
 

@@ -16,7 +16,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 
 import psutil
@@ -58,6 +58,15 @@ FINAL_METRICS_TIMEOUT = 2.0
 class RunningTask:
     attempt: int
     task: asyncio.Task[None]
+    partition: int  # of the queue (its lease is renewed and handed back there)
+
+
+def by_partition(leases: Mapping[str, RunningTask]) -> dict[int, list[tuple[str, int]]]:
+    """(request id, attempt) of running tasks, grouped by their partition."""
+    grouped: dict[int, list[tuple[str, int]]] = {}
+    for request_id, running in leases.items():
+        grouped.setdefault(running.partition, []).append((request_id, running.attempt))
+    return grouped
 
 
 #: Seconds the processes a script left behind get between SIGTERM and SIGKILL.
@@ -128,7 +137,7 @@ class Worker(Actor):
             self.request_stop()
 
     async def on_start(self) -> None:
-        self.wakeup = Wakeup(self.settings, self.queue.keys.wake)
+        self.wakeup = Wakeup(self.settings, [keys.wake for keys in self.queue.partitions])
         await self.wakeup.start()
         await self.monitor.register_worker(self.actor_id, **self._vitals())
         logger.info("%s: 워커 시작 (동시 실행 %d)", self.actor_id, self.concurrency)
@@ -166,7 +175,19 @@ class Worker(Actor):
     # -- claiming -------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
+        """Claim from the partitions that may have work, in turn, while slots are free.
+
+        A partition that gave fewer tasks than asked is drained: it is asked
+        again once its wake channel speaks (or a retry falls due, or
+        ``IDLE_WAIT`` passes). Taking the partitions in turn, one claim each,
+        lets none starve however deep another is.
+        """
         assert self.wakeup is not None
+        wakeup, stores = self.wakeup, self.queue.stores
+        everywhere = set(range(len(stores)))
+        ready = set(everywhere)  # partitions that may hold claimable tasks
+        turn = 0  # the partition whose turn it is, if ready
+        due = -1  # ms until the first retry of a drained partition falls due; -1: none
         outage = Outage(f"{self.actor_id}: 작업 가져오기", logger)
         while not self.stop_requested.is_set():
             free = self.concurrency - len(self.running)
@@ -174,20 +195,27 @@ class Worker(Actor):
                 self.slot_free.clear()
                 await self.slot_free.wait()
                 continue
+            ready |= wakeup.take_woken()
+            if not ready:
+                # Every partition is drained: new work announces itself on a wake channel.
+                await wakeup.wait(IDLE_WAIT if due < 0 else min(IDLE_WAIT, due / 1000))
+                ready, due = wakeup.take_woken() or set(everywhere), -1
+                continue
+            partition = min(ready, key=lambda index: (index - turn) % len(stores))
             wanted = min(free, CLAIM_BATCH)
             try:
-                claim = await self.queue.store.claim(self.actor_id, wanted)
+                claim = await stores[partition].claim(self.actor_id, wanted)
             except QueueError as exc:
                 await outage.failed(exc)
                 continue
             outage.succeeded()
+            turn = partition + 1
             for lease in claim.leases:
                 self._start(lease)
             if len(claim.leases) < wanted:
-                # The queue is drained: claiming again when a slot frees would
-                # find nothing. New work announces itself on the wake channel.
-                wait = IDLE_WAIT if claim.wait_ms < 0 else min(IDLE_WAIT, claim.wait_ms / 1000)
-                await self.wakeup.wait(wait)
+                ready.discard(partition)
+                if claim.wait_ms >= 0:
+                    due = claim.wait_ms if due < 0 else min(due, claim.wait_ms)
 
     def _start(self, lease: Lease) -> None:
         stale = self.running.get(lease.request_id)
@@ -196,7 +224,7 @@ class Worker(Actor):
             # the old run's results would be refused anyway.
             stale.task.cancel()
         task = asyncio.create_task(self._execute(lease))
-        self.running[lease.request_id] = RunningTask(lease.attempt, task)
+        self.running[lease.request_id] = RunningTask(lease.attempt, task, lease.partition)
         task.add_done_callback(lambda done: self._finished(lease.request_id, done))
 
     def _finished(self, request_id: str, task: asyncio.Task[None]) -> None:
@@ -250,7 +278,7 @@ class Worker(Actor):
             pause = min(max(0.0, exc.retry_after), self.settings.politeness.max_retry_after)
             await self._report(
                 "속도 제한 반환",
-                self.queue.store.release(
+                self.queue.stores[lease.partition].release(
                     self.actor_id,
                     [(lease.request_id, lease.attempt)],
                     reason=exc.reason,
@@ -273,7 +301,9 @@ class Worker(Actor):
                 lease, script.name, f"script returned a value that is not JSON: {exc}", True
             )
             return
-        self.completed.append(Completion(lease.request_id, lease.attempt, data_json, elapsed))
+        self.completed.append(
+            Completion(lease.request_id, lease.attempt, data_json, elapsed, lease.partition)
+        )
         self.telemetry.outcome(script.name, "completed")
         self.flush_wanted.set()
 
@@ -283,7 +313,7 @@ class Worker(Actor):
             "%s: 작업 %s 실패 (시도 %d): %s", self.actor_id, lease.request_id, lease.attempt, error
         )
         try:
-            outcome, _ = await self.queue.store.fail(
+            outcome, _ = await self.queue.stores[lease.partition].fail(
                 self.actor_id, lease.request_id, lease.attempt, error, permanent=permanent
             )
         except QueueError as exc:
@@ -311,22 +341,36 @@ class Worker(Actor):
             while self.completed:
                 batch, self.completed = self.completed, []
                 try:
-                    accepted = await self.queue.store.complete(self.actor_id, batch)
+                    await self._complete(batch)
                 except QueueError as exc:
-                    self.completed[:0] = batch
                     await outage.failed(exc)
                     continue
                 outage.succeeded()
-                for completion, ok in zip(batch, accepted, strict=True):
-                    if not ok:
-                        logger.warning(
-                            "%s: 작업 %s 시도 %d 의 임대를 잃어 완료 보고가 거부됨",
-                            self.actor_id,
-                            completion.request_id,
-                            completion.attempt,
-                        )
             if self.closing:
                 return
+
+    async def _complete(self, batch: list[Completion]) -> None:
+        """Report a batch, one call per partition; what was not reported goes back
+        to ``completed`` (and the error is raised)."""
+        stores = self.queue.stores
+        grouped: dict[int, list[Completion]] = {}
+        for completion in batch:
+            grouped.setdefault(completion.partition, []).append(completion)
+        for partition, completions in list(grouped.items()):
+            try:
+                accepted = await stores[partition].complete(self.actor_id, completions)
+            except QueueError:
+                self.completed[:0] = [c for group in grouped.values() for c in group]
+                raise
+            del grouped[partition]
+            for completion, ok in zip(completions, accepted, strict=True):
+                if not ok:
+                    logger.warning(
+                        "%s: 작업 %s 시도 %d 의 임대를 잃어 완료 보고가 거부됨",
+                        self.actor_id,
+                        completion.request_id,
+                        completion.attempt,
+                    )
 
     async def _record_loop(self) -> None:
         while True:
@@ -352,8 +396,9 @@ class Worker(Actor):
             await asyncio.sleep(interval)
             try:
                 await self.monitor.update_heartbeat(self.actor_id, **self._vitals())
-                leases = [(rid, running.attempt) for rid, running in self.running.items()]
-                lost = await self.queue.store.renew(self.actor_id, leases) if leases else []
+                lost = []
+                for partition, leases in by_partition(self.running).items():
+                    lost += await self.queue.stores[partition].renew(self.actor_id, leases)
             except QueueError as exc:
                 await outage.failed(exc)
                 continue
@@ -395,7 +440,7 @@ class Worker(Actor):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self.slot_free.wait()
-        leftover = [(rid, running.attempt) for rid, running in self.running.items()]
+        leftover = by_partition(self.running)
         for running in list(self.running.values()):
             running.task.cancel()
         await asyncio.gather(*(r.task for r in list(self.running.values())), return_exceptions=True)
@@ -403,9 +448,10 @@ class Worker(Actor):
             released = 0
             try:
                 async with asyncio.timeout(HANDBACK_TIMEOUT):
-                    released = await self.queue.store.release(
-                        self.actor_id, leftover, reason="drain"
-                    )
+                    for partition, leases in leftover.items():
+                        released += await self.queue.stores[partition].release(
+                            self.actor_id, leases, reason="drain"
+                        )
             except (QueueError, TimeoutError) as exc:
                 logger.error("%s: 작업 반환 실패, 임대 만료 후 재전달됨: %s", self.actor_id, exc)
             logger.info("%s: 미완료 작업 %d건 반환", self.actor_id, released)

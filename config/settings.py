@@ -48,6 +48,9 @@ from actors.defaults import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from actors.endpoint import RedisEndpoint, redacted
 
 CONFIG_ENV = "SUPERVISOR_CONFIG"
+#: The most partitions one queue may have: each costs every worker a claim
+#: round and each status-by-id lookup a probe.
+MAX_PARTITIONS = 64
 
 # Seed env names that set one key each (the Redis URL parts are composed apart).
 _ENV_ALIASES: dict[str, tuple[str, str]] = {
@@ -104,33 +107,23 @@ class RedisSettings(_Section):
     # and port are then unused, its credentials, database and TLS options apply.
     sentinel: tuple[SentinelAddress, ...] = ()
     master_name: Annotated[str, StringConstraints(min_length=1, pattern=r"^\S+$")] = "mymaster"
+    # `url` names one node of a Redis Cluster; every command goes to its slot's master.
     cluster: bool = False
-    partitions: PositiveInt = 1  # one logical queue over N hash tags; 1 = one (today's layout)
+    # One logical queue over N hash tags (actors/partitions.py); 1 = today's layout.
+    partitions: Annotated[int, Field(ge=1, le=MAX_PARTITIONS)] = 1
     # N > 0: an enqueue (and a completion) is acknowledged only once N replicas
     # have it (WAIT N durable_timeout), so a failover cannot lose it.
     durable_enqueue: NonNegativeInt = 0
     durable_timeout: Seconds = 1.0  # how long WAIT waits for the replicas
 
-    @field_validator("cluster")
-    @classmethod
-    def _no_cluster_yet(cls, cluster: bool) -> bool:
-        if cluster:
-            raise ValueError(
-                "Redis Cluster is not supported by this version (the partitioned queue adds it)"
-            )
-        return cluster
-
-    @field_validator("partitions")
-    @classmethod
-    def _one_partition_yet(cls, partitions: int) -> int:
-        if partitions != 1:
-            raise ValueError("only 1 partition is supported by this version (issue #15 adds more)")
-        return partitions
-
     @model_validator(mode="after")
     def _sentinel_is_not_embedded(self) -> Self:
         if self.sentinel and self.embedded == "always":
             raise ValueError("embedded = 'always' cannot be combined with redis.sentinel")
+        if self.cluster and self.sentinel:
+            raise ValueError("redis.cluster cannot be combined with redis.sentinel")
+        if self.cluster and self.embedded == "always":
+            raise ValueError("embedded = 'always' cannot be combined with redis.cluster")
         return self
 
     @field_validator("url")

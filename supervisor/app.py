@@ -195,6 +195,5 @@ async def _connect_and_check(queue: RedisQueue, settings: Settings, url: str) ->
     await check_eviction_policy(queue.connection)
     epoch = EpochGuard(queue.connection, queue.keys)
     await epoch.establish()
-    await queue.store.set_limits(settings)
-    await queue.store.keep_history(settings.events)
+    await queue.publish_settings(settings)
     return epoch

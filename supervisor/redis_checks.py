@@ -15,7 +15,7 @@ import uuid
 from actors.connection import translated_errors
 from actors.exceptions import ScriptError
 from actors.keys import KeySpace
-from actors.multiplexed import MultiplexedConnection
+from actors.calls import Calls
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def too_old(version: str) -> bool:
     return tuple(parts + [0] * (2 - len(parts))) < MIN_VERSION
 
 
-async def check_server_version(connection: MultiplexedConnection) -> str:
+async def check_server_version(connection: Calls) -> str:
     """Raise `ServerVersionError` for a Redis older than 6.2; returns the version.
 
     Asks ``HELLO`` (no protocol switch), which an ACL rarely refuses, unlike ``INFO``.
@@ -64,7 +64,7 @@ async def check_server_version(connection: MultiplexedConnection) -> str:
     return version
 
 
-async def check_eviction_policy(connection: MultiplexedConnection) -> None:
+async def check_eviction_policy(connection: Calls) -> None:
     """Raise `EvictionPolicyError` unless ``maxmemory-policy`` is ``noeviction``.
 
     A server that does not let us read its config (an ACL without ``CONFIG``,
@@ -97,7 +97,7 @@ class EpochGuard:
     value and the server's ``run_id``. `check` compares both again.
     """
 
-    def __init__(self, connection: MultiplexedConnection, keys: KeySpace) -> None:
+    def __init__(self, connection: Calls, keys: KeySpace) -> None:
         self._connection = connection
         self._key = keys.epoch
         self._epoch: bytes | None = None

@@ -462,8 +462,7 @@ class ProcessTree:
 
     async def _publish_limits(self) -> None:
         try:
-            await self._queue.store.set_limits(self._settings)
-            await self._queue.store.keep_history(self._settings.events)
+            await self._queue.publish_settings(self._settings)
         except QueueConnectionException as exc:
             logger.error("새 속도 제한을 Redis에 게시하지 못함: %s", exc)
 

@@ -31,10 +31,10 @@ from actors.cluster import (
     node_endpoint,
     routing_key,
 )
-from actors.connection import open_cluster_calls, translated_errors
+from actors.connection import open_calls, translated_errors
 from actors.endpoint import RedisEndpoint
 from actors.exceptions import QueueConnectionException
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 from supervisor.redis_server import RedisServer
 
 SCRIPT = "redis.call('SET', KEYS[1], ARGV[1]) return redis.call('GET', KEYS[1])"
@@ -355,14 +355,26 @@ async def test_a_seed_that_is_no_cluster_node_is_named_in_the_error(redis_url: s
 
 
 def test_sentinel_with_a_cluster_is_refused_naming_the_setting(cluster: ClusterTopology) -> None:
-    settings = Settings.model_validate(
-        {"redis": {"url": cluster.url, "embedded": "never", "sentinel": ["127.0.0.1:26379"]}}
-    )
+    endpoint = RedisEndpoint.parse(cluster.url).with_sentinels(["127.0.0.1:26379"], "mymaster")
 
     with pytest.raises(ClusterConfigError, match=r"^redis\.sentinel: ") as refused:
-        open_cluster_calls(settings)
+        ClusterConnection(endpoint, retries=0)
     assert refused.value.field == "redis.sentinel"
     assert isinstance(refused.value, ValueError)
+    with pytest.raises(
+        ConfigError, match=r"redis\.cluster cannot be combined with redis\.sentinel"
+    ):
+        Settings.model_validate(
+            {"redis": {"url": cluster.url, "cluster": True, "sentinel": ["127.0.0.1:26379"]}}
+        )
+
+
+def test_a_cluster_setting_opens_calls_that_span_the_cluster(cluster: ClusterTopology) -> None:
+    settings = Settings.model_validate(
+        {"redis": {"url": cluster.url, "embedded": "never", "cluster": True}}
+    )
+
+    assert isinstance(open_calls(settings), ClusterConnection)
 
 
 @pytest.mark.parametrize(

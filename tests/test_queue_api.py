@@ -355,7 +355,7 @@ async def test_cancelled_running_task_refuses_its_workers_result(
 ) -> None:
     request_id = await queue.enqueue_task(request())
     await dequeue(queue)
-    worker, attempt = queue.leases[request_id]
+    worker, attempt, _ = queue.leases[request_id]
 
     assert await queue.cancel_task(request_id) is True
 

@@ -198,13 +198,6 @@ async def test_work_follows_a_sentinel_failover_and_completes_every_task_once(
     assert {response.status for response in responses} == {TaskStatus.COMPLETED}
 
 
-def test_cluster_is_refused_until_the_partitioned_queue_exists() -> None:
-    with pytest.raises(ConfigError, match=r"redis\.cluster"):
-        Settings(redis={"cluster": True})
-    with pytest.raises(ConfigError, match=r"redis\.partitions"):
-        Settings(redis={"partitions": 3})
-
-
 def test_a_sentinel_address_must_be_host_and_port() -> None:
     with pytest.raises(ConfigError, match=r"redis.sentinel\[0\]"):
         Settings(redis={"sentinel": ["just-a-host"]})

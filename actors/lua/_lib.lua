@@ -4,13 +4,21 @@
 --   ARGV[1] task key prefix: a task's hash is PREFIX .. id. The prefix holds
 --           the queue's {hash tag}, so keys built from it stay in the slot of
 --           the KEYS the script was given (Redis Cluster safe).
---   ARGV[2] events channel (JSON events for live views)
+--   ARGV[2] events channel (JSON events for live views); a leading '{' asks
+--           for every event to be published (see events_wanted)
 --   ARGV[3] done channel prefix: DONE .. id carries a task's final response
 --   ARGV[4] wake channel: told whenever tasks become claimable (a number),
 --           or will be in N ms ("in:N", a retry's backoff)
 -- Script-specific arguments start at ARGV[5].
 
 local PREFIX, EVENTS, DONE, WAKE = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- An events channel marked with a leading '{' (KeySpace.script_context): publish
+-- every event without asking whether anyone listens (a Redis Cluster node counts
+-- only its own subscribers, but delivers to those of every node).
+local events_always = string.byte(EVENTS, 1) == 123  -- '{'
+if events_always then
+  EVENTS = string.sub(EVENTS, 2)
+end
 
 -- ScrapingRequest's default max_retries (a test keeps the two equal). A task
 -- record leaves the field out at this value: a pending task stays in a
@@ -72,7 +80,7 @@ end
 local events_asked, events_heard = 0, true
 local function events_wanted()
   events_asked = events_asked + 1
-  if events_asked == 2 then
+  if events_asked == 2 and not events_always then
     -- A refused question (ACL) counts as "someone listens": publish() decides.
     local subscribers = redis.pcall('PUBSUB', 'NUMSUB', EVENTS)
     local patterns = redis.pcall('PUBSUB', 'NUMPAT')
@@ -83,7 +91,7 @@ local function events_wanted()
 end
 
 -- Event history (docs/events.md): besides pub/sub, the events of one script
--- call are kept as one entry of a stream, EVENTS .. ':history' (field `e`:
+-- call are kept as one entry of a stream, BASE .. 'events:history' (field `e`:
 -- one event's JSON, or a JSON array of them, in order; field `n`: how many
 -- events), written in the same script as the change they announce. One
 -- entry per call, not per event: a claim or completion of 50 tasks costs one
@@ -92,7 +100,10 @@ end
 -- stream's existence is the switch: `supervisor start` creates it when
 -- `history` > 0. store.py wraps every script so that save_history() runs
 -- when it returns.
-local HISTORY = EVENTS .. ':history'
+-- The keys of this partition are BASE .. name (KeySpace.base: PREFIX is BASE .. 'task:').
+-- The channels EVENTS and DONE are the queue's, shared by all its partitions.
+local BASE = string.sub(PREFIX, 1, #PREFIX - #'task:')
+local HISTORY = BASE .. 'events:history'
 local HISTORY_COUNT = HISTORY .. ':count'
 local history_on = nil
 local history = {}
@@ -180,7 +191,6 @@ end
 -- BASE .. 'metrics:' .. (ms // 60000), kept MINUTES_KEPT_MS. The scripts here
 -- only keep what the counts need: a task's `ready_at` (when it last became
 -- claimable: a retry's due time, a hand-back) beside its `enqueued_at`.
-local BASE = string.sub(EVENTS, 1, #EVENTS - #'events')  -- KeySpace.events is base .. 'events'
 local MINUTES_KEPT_MS = 65 * 60000
 
 -- Put a task in a terminal state (completed, failed, cancelled): store its

@@ -6,7 +6,7 @@
 -- ARGV[5] events kept at most (0 = history off: the stream is deleted)
 -- ARGV[6] entries older than this many ms are dropped (0 = no age limit)
 --
--- The history is the stream HISTORY (EVENTS .. ':history', see _lib.lua),
+-- The history is the stream HISTORY (BASE .. 'events:history', see _lib.lua),
 -- each entry the events of one script call (`n` of them); HISTORY_COUNT
 -- counts the events it holds. Its existence is what makes the scripts keep
 -- events, so this script creates it (empty) when history is on. Trimming
