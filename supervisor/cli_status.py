@@ -257,8 +257,8 @@ def format_event(event: dict[str, Any]) -> str:
 
 async def follow_events(args: argparse.Namespace, settings: Settings) -> int:
     async with RedisQueue(settings) as queue:
-        history = EventHistory(queue.connection, queue.keys)
-        printer = _EventPrinter(args, EventDomains(queue.connection, queue.keys))
+        history = EventHistory(queue.connection, queue.partitions)
+        printer = _EventPrinter(args, EventDomains(queue.connection, queue.partitions))
         if await history.kept():
             await _follow_history(history, printer, args.since)
             return CliExit.OK
@@ -302,7 +302,7 @@ class _EventPrinter:
 async def _follow_history(
     history: EventHistory, printer: _EventPrinter, since: float | None
 ) -> None:
-    """Replay from ``since`` seconds ago (else from now), then follow, by entry id."""
+    """Replay from ``since`` seconds ago (else from now), then follow, by cursor."""
     last = await history.start_id(since) if since is not None else await history.last_id()
     outage = False
     with stop_on_signals() as stop:

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 from actors.exceptions import BackpressureException, QueueConnectionException, QueueError
+from actors.history import CURSOR
 from actors.queue import RedisQueue, TaskManager
 from config.settings import DashboardSettings
 from supervisor import dashboard_data
@@ -221,8 +222,8 @@ class Dashboard:
             since=_number(params, "since"),
             after=_text(params, "after"),
         )
-        if query.after is not None and not re.fullmatch(r"\d+-\d+", query.after):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "after: expected a stream entry id (ms-seq)")
+        if query.after is not None and not CURSOR.fullmatch(query.after):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "after: expected an event history cursor")
         return json_reply(HTTPStatus.OK, self._read(dashboard_data.events(self._queue, query)))
 
     def _dead_letters(self, params: Params) -> Reply:

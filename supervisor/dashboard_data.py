@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.connection import translated_errors
-from actors.history import PAGE, Event, EventHistory, event_filter, parse_entry
+from actors.history import PAGE, Event, EventHistory, event_filter
 from actors.queue import RedisQueue, TaskManager
 from actors.telemetry import Minute, QueueTelemetry, percentiles
 from supervisor.cli_status import snapshot
@@ -25,8 +25,6 @@ EVENTS_SHOWN = 200
 ENTRIES_SCANNED = 10 * PAGE
 #: Pages a follow-up poll reads before it gives up catching up and jumps to the newest.
 FOLLOW_PAGES = 4
-#: The id before every stream entry: the cursor of an empty history.
-BEGINNING = "0-0"
 
 
 async def overview(queue: RedisQueue) -> dict[str, Any]:
@@ -65,58 +63,54 @@ class EventQuery:
 async def events(queue: RedisQueue, query: EventQuery) -> dict[str, Any]:
     """``{"kept", "cursor", "events", "gap"}``: matching events, newest first.
 
-    ``cursor`` is the id of the last entry read; the page sends it back as
-    ``after`` to get only what came since. ``gap`` says events were skipped
-    because more arrived than one poll reads (the page says so).
+    ``cursor`` says where the answer's reading ended (``EventHistory``: an
+    entry id, one per partition); the page sends it back as ``after`` to get
+    only what came since. ``gap`` says events were skipped because more
+    arrived than one poll reads, or because the cursor is not one of this
+    history's (the queue's partitions changed): the page says so.
     """
-    history = EventHistory(queue.connection, queue.keys)
+    history = EventHistory(queue.connection, queue.partitions)
     with translated_errors():
         if not await history.kept():
-            return {"kept": False, "cursor": BEGINNING, "events": [], "gap": False}
-        reader = _Reader(queue, query)
-        if query.after is None:
-            lower = "-" if query.since is None else await history.start_id(query.since)
-            cursor, found = await reader.newest(lower, BEGINNING if lower == "-" else lower)
-            gap = False
+            return {"kept": False, "cursor": history.beginning, "events": [], "gap": False}
+        reader = _Reader(history, query)
+        if query.after is None or not history.fits(query.after):
+            start = None if query.since is None else await history.start_id(query.since)
+            cursor, found = await reader.newest(start, start or history.beginning)
+            gap = query.after is not None
         else:
-            cursor, found, gap = await reader.following(history, query.after)
+            cursor, found, gap = await reader.following(query.after)
     return {"kept": True, "cursor": cursor, "events": found, "gap": gap}
 
 
 class _Reader:
     """Reads history entries and keeps the events that pass the page's filters."""
 
-    def __init__(self, queue: RedisQueue, query: EventQuery) -> None:
-        self._connection = queue.connection
-        self._key = queue.keys.history
+    def __init__(self, history: EventHistory, query: EventQuery) -> None:
+        self._history = history
         self._matches = event_filter(task=query.task, worker=query.worker, kinds=query.kinds)
 
-    async def newest(self, lower: str, empty_cursor: str) -> tuple[str, list[Event]]:
-        """Up to EVENTS_SHOWN matching events of the entries above ``lower``, newest first.
+    async def newest(self, after: str | None, empty_cursor: str) -> tuple[str, list[Event]]:
+        """Up to EVENTS_SHOWN matching events of the entries after ``after``, newest first.
 
-        Reads backwards from the newest entry (``XREVRANGE``), a page at a
-        time, at most ENTRIES_SCANNED entries; the cursor is the newest entry's
-        id, or ``empty_cursor`` when no entry is above ``lower``.
+        Reads backwards from the newest entries (``EventHistory.backwards``), a
+        page at a time, at most ENTRIES_SCANNED entries; the cursor is after
+        the newest entry of each partition, or ``empty_cursor``'s position
+        where a partition has no entry after ``after``.
         """
-        cursor: str | None = None
+        back = self._history.backwards(after)
         found: list[Event] = []
-        upper = "+"
         scanned = 0
         while scanned < ENTRIES_SCANNED and len(found) < EVENTS_SHOWN:
-            reply = await self._connection.execute(
-                "XREVRANGE", self._key, upper, lower, "COUNT", PAGE
-            )
-            for raw_id, fields in reply or []:
-                entry_id = raw_id.decode()
-                cursor = cursor or entry_id
-                found += reversed([e for e in parse_entry(fields or []) if self._matches(e)])
-                upper = f"({entry_id}"
-            scanned += len(reply or [])
-            if len(reply or []) < PAGE:
+            page = await back.page()
+            for entry_events in page:
+                found += reversed([e for e in entry_events if self._matches(e)])
+            scanned += len(page)
+            if len(page) < PAGE:
                 break
-        return cursor or empty_cursor, found[:EVENTS_SHOWN]
+        return back.cursor(empty_cursor), found[:EVENTS_SHOWN]
 
-    async def following(self, history: EventHistory, after: str) -> tuple[str, list[Event], bool]:
+    async def following(self, after: str) -> tuple[str, list[Event], bool]:
         """Matching events of the entries after ``after``, newest first; whether some were skipped.
 
         More than FOLLOW_PAGES pages behind, the page would never catch up
@@ -126,14 +120,14 @@ class _Reader:
         cursor = after
         found: list[Event] = []
         for _ in range(FOLLOW_PAGES):
-            entries = await history.after(cursor)
+            entries = await self._history.after(cursor)
             for entry_id, entry_events in entries:
                 found += [e for e in entry_events if self._matches(e)]
                 cursor = entry_id
             if len(entries) < PAGE:
                 found.reverse()
                 return cursor, found[:EVENTS_SHOWN], False
-        newest, latest = await self.newest(f"({after}", cursor)
+        newest, latest = await self.newest(after, cursor)
         return newest, latest, True
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import uuid
 
+from actors.calls import Calls
 from actors.connection import translated_errors
 from actors.exceptions import ScriptError
 from actors.keys import KeySpace
-from actors.calls import Calls
 
 logger = logging.getLogger(__name__)
 

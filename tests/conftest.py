@@ -158,6 +158,22 @@ async def queue(settings: Settings) -> AsyncIterator[RedisQueue]:
 
 
 @pytest.fixture
+def partitioned(settings: Settings) -> Settings:
+    """The test's settings with ``[redis] partitions = 3`` (on the one test server)."""
+    return Settings.model_validate(
+        settings.model_dump() | {"redis": settings.redis.model_dump() | {"partitions": 3}}
+    )
+
+
+@pytest.fixture
+async def pqueue(partitioned: Settings) -> AsyncIterator[RedisQueue]:
+    """A connected 3-partition RedisQueue, its settings published as ``supervisor start`` does."""
+    async with RedisQueue(partitioned) as connected:
+        await connected.publish_settings(partitioned)
+        yield connected
+
+
+@pytest.fixture
 def manager(queue: RedisQueue) -> TaskManager:
     return TaskManager(queue)
 

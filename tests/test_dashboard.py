@@ -249,7 +249,7 @@ async def test_events_are_filtered_by_type_task_and_worker_then_followed_from_th
         return [(e["event"], e.get("request_id", "")) for e in answer["events"]]
 
     everything = await events("")
-    newest = await EventHistory(queue.connection, queue.keys).last_id()
+    newest = await EventHistory(queue.connection, queue.partitions).last_id()
     by_task = await events(f"task={second}")
     by_type = await events("type=task.completed")
     by_worker = await events("worker=w2&type=task.started")

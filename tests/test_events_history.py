@@ -58,7 +58,7 @@ async def test_one_script_call_is_one_history_entry_holding_its_events_in_order(
     await history_on(queue)
     ids = await queue.enqueue_many([echo() for _ in range(10)])
     leases = (await queue.store.claim("w1", 10)).leases
-    history = EventHistory(queue.connection, queue.keys)
+    history = EventHistory(queue.connection, queue.partitions)
     entries = await history.after("0-0")
 
     assert [len(events) for _, events in entries] == [10, 10]
@@ -165,7 +165,7 @@ async def test_history_is_trimmed_to_its_event_count_and_age(queue: RedisQueue) 
     fresh = await queue.enqueue_task(echo())
 
     assert await queue.store.keep_history(EventsSettings(history_max_age=0.2)) == 1
-    entries = await EventHistory(queue.connection, queue.keys).after("0-0")
+    entries = await EventHistory(queue.connection, queue.partitions).after("0-0")
     assert [e["request_id"] for _, events in entries for e in events] == [fresh]
 
 

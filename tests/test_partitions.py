@@ -37,18 +37,6 @@ pytestmark = pytest.mark.usefixtures("restore_signals")
 PARTITIONS = 3
 
 
-@pytest.fixture
-def partitioned(settings: Settings) -> Settings:
-    return configured(settings, redis={"partitions": PARTITIONS})
-
-
-@pytest.fixture
-async def pqueue(partitioned: Settings) -> AsyncIterator[RedisQueue]:
-    async with RedisQueue(partitioned) as connected:
-        await connected.publish_settings(partitioned)
-        yield connected
-
-
 @contextlib.asynccontextmanager
 async def running(*actors: Actor) -> AsyncIterator[None]:
     mains = [asyncio.create_task(actor.main()) for actor in actors]
