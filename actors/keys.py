@@ -35,6 +35,7 @@ class KeySpace:
         "gate_prefix",
         "gates",
         "governor_lock",
+        "guard",
         "history",
         "history_count",
         "limits",
@@ -97,6 +98,11 @@ class KeySpace:
         self.metrics = base + "metrics"
         self.done_prefix = queue_base + "done:"  # channel per task: its final response
         self.wake = base + "wake"  # channel: tasks became claimable
+        # Never written: every script names it last among its KEYS, so that on a
+        # Redis Cluster a script is refused (TRYAGAIN) while its slot migrates,
+        # before it runs, instead of failing half-way at a task key already moved
+        # (docs/protocol.md, "Resharding").
+        self.guard = base + "guard"
 
     def task(self, request_id: str) -> str:
         return self.task_prefix + request_id

@@ -8,29 +8,39 @@ and the whole-queue views, the waiters and the events span all three.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from cluster_topology import ClusterTopology, cluster_support_missing, started_cluster
+from cluster_topology import PASSWORD, ClusterTopology, cluster_support_missing, started_cluster
 from helpers import event_log, wait_for
 from supervisor_harness import DRAIN_TIMEOUT, Launcher, config_file, configured, write_config
+from test_cluster_connection import migrate_slot
 from test_redis_endpoints import work
 
+from actors.cluster import key_slot
+from actors.exceptions import QueueConnectionException
 from actors.models import ScrapingRequest, TaskStatus
 from actors.partitions import partition_keys
 from actors.queue import RedisQueue, TaskManager
+from actors.worker import Worker
 from config.settings import Settings
 from supervisor.cli import run
+from supervisor.redis_server import RedisServer
 
 PARTITIONS = 3
 
-pytestmark = pytest.mark.skipif(
-    cluster_support_missing() is not None, reason=str(cluster_support_missing())
-)
+pytestmark = [
+    pytest.mark.skipif(
+        cluster_support_missing() is not None, reason=str(cluster_support_missing())
+    ),
+    pytest.mark.usefixtures("restore_signals"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +156,124 @@ def own_state(settings: Settings, folder: Path) -> Settings:
 
 def count_of(events: list[dict[str, object]], name: str) -> int:
     return sum(1 for event in events if event["event"] == name)
+
+
+@pytest.mark.timeout(180)
+async def test_a_partition_moved_to_another_master_under_load_loses_and_repeats_nothing(
+    clustered: Settings, cluster: ClusterTopology
+) -> None:
+    """The slot of a whole partition migrates (MOVED/ASK) while workers claim and complete."""
+    lively = configured(clustered, worker={"concurrency": 20})
+    moving = partition_keys(lively.redis.key_prefix, "default", PARTITIONS)[1]
+    source = cluster.owner(moving.pending)
+    target = next(server for server in cluster.masters if server is not source)
+    requests = [
+        ScrapingRequest(script_name="sleep", parameters={"seconds": 0.01}) for _ in range(900)
+    ]
+    async with RedisQueue(lively) as gateway:
+        await gateway.publish_settings(lively)
+        await gateway.enqueue_many(requests[:600])
+        workers = [Worker(f"w{n}", lively, os.getppid()) for n in range(2)]
+        mains = [asyncio.create_task(worker.main()) for worker in workers]
+        try:
+            await asyncio.sleep(0.5)
+            producer = asyncio.create_task(gateway.enqueue_many(requests[600:]))
+            await migrate_slot(cluster, key_slot(moving.pending.encode()), source, target)
+            await producer
+            manager = TaskManager(gateway)
+
+            async def drained() -> bool:
+                return (await manager.queue_stats())["completed"] >= len(requests)
+
+            await wait_for(drained, 120, interval=0.2, message="the queue did not drain")
+            stats = await manager.queue_stats()
+            statuses = Counter([await manager.get_task_status(r.request_id) for r in requests])
+        finally:
+            for worker in workers:
+                worker.request_stop()
+            await asyncio.wait_for(asyncio.gather(*mains), 30)
+
+    assert cluster.owner(moving.pending) is target
+    assert statuses == Counter({TaskStatus.COMPLETED: len(requests)})
+    assert stats["completed"] == len(requests), "a task was completed twice"
+    assert stats["dead_letter"] == stats["pending"] == stats["running"] == 0
+
+
+async def test_a_script_is_refused_before_it_runs_while_its_slot_migrates_not_half_way(
+    clustered: Settings, cluster: ClusterTopology
+) -> None:
+    """A renewal of two leases, one task key already moved: refused whole (TRYAGAIN).
+
+    Without the guard key the script would run on the old master, extend the
+    first lease and fail at the second task's key, now on the new master.
+    """
+    async with RedisQueue(clustered) as queue:
+        await queue.publish_settings(clustered)
+        store, keys = queue.stores[1], queue.partitions[1]
+        ids = [await enqueue_into(queue, 1) for _ in range(2)]
+        leases = [
+            (lease.request_id, lease.attempt) for lease in (await store.claim("w1", 2)).leases
+        ]
+        assert sorted(rid for rid, _ in leases) == sorted(ids)
+        source = cluster.owner(keys.running)
+        target = next(server for server in cluster.masters if server is not source)
+        slot = key_slot(keys.running.encode())
+        deadlines_before = await running_deadlines(cluster, source, keys.running)
+        async with migrating(cluster, slot, source, target):
+            await move_keys(cluster, source, target, [keys.task(leases[1][0])])
+
+            with pytest.raises(QueueConnectionException, match="TRYAGAIN"):
+                await store.renew("w1", leases)
+            assert await running_deadlines(cluster, source, keys.running) == deadlines_before
+            with pytest.raises(QueueConnectionException, match="TRYAGAIN"):
+                await store.claim("w2", 10)
+
+        assert await store.renew("w1", leases) == []  # the move is over: both leases held
+        assert cluster.owner(keys.running) is target
+
+
+async def enqueue_into(queue: RedisQueue, partition: int) -> str:
+    """Enqueue an echo task that the queue places (by its id) in ``partition``."""
+    while True:
+        request = ScrapingRequest(script_name="echo")
+        if queue.store_for(queue.prepare(request)).partition == partition:
+            return await queue.enqueue_task(request)
+
+
+async def running_deadlines(
+    cluster: ClusterTopology, server: RedisServer, key: str
+) -> list[tuple[bytes, float]]:
+    async with cluster.async_client(server) as client:
+        return list(await client.zrange(key, 0, -1, withscores=True))
+
+
+@contextlib.asynccontextmanager
+async def migrating(
+    cluster: ClusterTopology, slot: int, source: RedisServer, target: RedisServer
+) -> AsyncIterator[None]:
+    """``slot`` marked migrating from ``source`` to ``target``; on exit the rest of its
+    keys move and every master is told the new owner (as ``redis-cli --cluster reshard``)."""
+    clients = [cluster.async_client(server) for server in cluster.masters]
+    src, dst = (clients[cluster.masters.index(s)] for s in (source, target))
+    try:
+        source_id = await src.execute_command("CLUSTER", "MYID")
+        target_id = await dst.execute_command("CLUSTER", "MYID")
+        await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        yield
+        while keys := await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            await move_keys(cluster, source, target, [key.decode() for key in keys])
+        for client in (dst, src, *(c for c in clients if c not in (src, dst))):
+            await client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def move_keys(
+    cluster: ClusterTopology, source: RedisServer, target: RedisServer, keys: list[str]
+) -> None:
+    async with cluster.async_client(source) as client:
+        await client.execute_command(
+            "MIGRATE", target.host, target.port, "", 0, 5000, "AUTH", PASSWORD, "KEYS", *keys
+        )

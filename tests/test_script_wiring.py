@@ -81,14 +81,19 @@ def test_every_wired_name_is_a_keyspace_attribute_or_a_key_of_the_call(name: str
 def test_script_keys_builds_the_keys_in_order_and_fills_the_call_keys() -> None:
     keys = KeySpace("p", "q")
 
-    assert script_keys(keys, "promote") == [keys.pending, keys.delayed]
+    assert script_keys(keys, "promote") == [keys.pending, keys.delayed, keys.guard]
     assert script_keys(keys, "heartbeat", worker=keys.worker("w1")) == [
         keys.workers,
         keys.worker("w1"),
+        keys.guard,
     ]
-    assert script_keys(keys, "lock", lock=keys.reaper_lock) == [keys.reaper_lock]
+    assert script_keys(keys, "lock", lock=keys.reaper_lock) == [keys.reaper_lock, keys.guard]
     with pytest.raises(KeyError):
         script_keys(keys, "lock")
+
+
+def test_every_script_names_the_guard_last_so_a_migrating_slot_refuses_it_whole() -> None:
+    assert all(wiring[-1] == "guard" for wiring in SCRIPT_KEYS.values())
 
 
 # -- the task defaults, written once in actors/defaults.py ---------------------------------

@@ -2,6 +2,7 @@
 --
 -- KEYS[1] backpressure  hash: state, depth, rate (admitted enqueues/s while
 --                       throttled), drain (tasks started/s), updated_at (ms)
+-- KEYS[2] guard         never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] state: open | throttled | closed
 -- ARGV[6] depth (pending + gated)
 -- ARGV[7] admitted rate (tasks/s)

@@ -7,6 +7,7 @@
 -- KEYS[5] domains     politeness: per-domain hashes beside this index (a running task's slot is given back)
 -- KEYS[6] politeness  hash: the in-flight cap and adaptive settings
 -- KEYS[7] gates       zset rate key -> next start (ms)
+-- KEYS[8] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] request id
 -- ARGV[6] reason
 -- ARGV[7] result ttl in ms

@@ -14,6 +14,7 @@
 -- KEYS[11] dead              zset id -> time dead-lettered (a damaged record goes there)
 -- KEYS[12] domains           zset: politeness index; per-domain hashes beside it (_lib.lua)
 -- KEYS[13] politeness        hash: the in-flight cap and adaptive settings
+-- KEYS[14] guard             never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5]  worker id
 -- ARGV[6]  count: tasks to claim
 -- ARGV[7]  lease in ms

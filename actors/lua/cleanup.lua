@@ -3,6 +3,7 @@
 --
 -- KEYS[1] dead     zset id -> time it was dead-lettered
 -- KEYS[2] workers  zset worker id -> last heartbeat (ms)
+-- KEYS[3] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] result ttl in ms
 -- ARGV[6] a worker silent this long (ms) is forgotten
 -- ARGV[7] worker key prefix: a worker's hash is ARGV[7] .. worker id

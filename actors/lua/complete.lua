@@ -10,6 +10,7 @@
 --                           is given back; its domain's window and learned rate grow)
 -- KEYS[8] politeness        hash: the in-flight cap and adaptive settings
 -- KEYS[9] limits            hash rate key -> tasks/s (the ceiling of a learned rate)
+-- KEYS[10] guard            never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] worker id
 -- ARGV[6] result ttl in ms
 -- ARGV[7] number of results n, then n groups of 4:

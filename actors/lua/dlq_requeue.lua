@@ -3,6 +3,7 @@
 -- KEYS[1] dead     zset id -> time it was dead-lettered
 -- KEYS[2] pending  zset
 -- KEYS[3] stats    hash of monotonic counters (`gated`: pending tasks in gates)
+-- KEYS[4] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] high watermark: requeued tasks may not take the queue's depth
 --         (pending + gated) past it, as no enqueue may
 -- ARGV[6] "all" followed by ARGV[7], the most to requeue in this call (the

@@ -9,6 +9,7 @@
 -- KEYS[5] limits        hash rate key -> tasks/s
 -- KEYS[6] paused        hash rate key -> paused until (ms)
 -- KEYS[7] gates         zset rate key -> when its next task may start (ms)
+-- KEYS[8] guard         never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] gate key prefix
 -- ARGV[6] high watermark: the depth (pending + gated) no enqueue may pass
 -- ARGV[7] governor staleness (ms): older published state is ignored (fail open

@@ -10,6 +10,7 @@
 -- KEYS[8] domains           politeness: per-domain hashes beside this index (the task's slot is given back)
 -- KEYS[9] politeness        hash: the in-flight cap and adaptive settings
 -- KEYS[10] gates            zset rate key -> next start (ms)
+-- KEYS[11] guard            never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5]  worker id
 -- ARGV[6]  request id
 -- ARGV[7]  attempt (fencing token)

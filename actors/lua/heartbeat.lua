@@ -2,6 +2,7 @@
 --
 -- KEYS[1] workers   zset worker id -> last heartbeat (ms)
 -- KEYS[2] <worker>  the worker's hash (worker key prefix .. ARGV[5])
+-- KEYS[3] guard     never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] worker id
 -- ARGV[6] "register" (publishes worker.registered) or "beat"
 -- ARGV[7] number of extra fields n, then n field/value pairs (pid, host,

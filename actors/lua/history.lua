@@ -3,6 +3,7 @@
 -- KEYS[1] history  the stream; the scripts derive it (and its count, HISTORY_COUNT)
 --                  from the events channel (_lib.lua), and so does this one: KEYS[1]
 --                  is passed so that a Redis Cluster routes the call to its node
+-- KEYS[2] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] events kept at most (0 = history off: the stream is deleted)
 -- ARGV[6] entries older than this many ms are dropped (0 = no age limit)
 --

@@ -2,6 +2,7 @@
 -- all hosts (reaper, governor).
 --
 -- KEYS[1] <lock>  the lock key (reaper_lock or governor_lock)
+-- KEYS[2] guard   never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] owner id
 -- ARGV[6] lease in ms
 -- ARGV[7] "acquire" (take it if free, renew it if ours) or "release" (free it if ours)

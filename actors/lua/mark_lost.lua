@@ -1,6 +1,7 @@
 -- mark_lost: mark workers whose heartbeat stopped as inactive.
 --
 -- KEYS[1] workers  zset worker id -> last heartbeat (ms)
+-- KEYS[2] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] heartbeat timeout in ms
 -- ARGV[6] worker key prefix: a worker's hash is ARGV[6] .. worker id
 --

@@ -3,6 +3,7 @@
 -- KEYS[1] stats  unused: passed so that a Redis Cluster routes the call to the
 --                queue's node (the probe keys are built from the task prefix, in
 --                the queue's slot)
+-- KEYS[2] guard  never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5..] the command names to try. Each runs through redis.pcall with
 -- harmless arguments on probe keys nobody else uses (in the queue's slot,
 -- they expire within a second and are deleted at the end) and on a probe

@@ -2,6 +2,7 @@
 --
 -- KEYS[1] pending  zset id -> priority/FIFO score
 -- KEYS[2] delayed  zset id -> due time (ms, Redis clock)
+-- KEYS[3] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] at most this many due retries are promoted per call
 --
 -- Each due task goes back to pending at its stored queue score, status

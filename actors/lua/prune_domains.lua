@@ -10,6 +10,7 @@
 -- KEYS[3] paused      hash rate key -> paused until (ms; one in the past pauses nothing)
 -- KEYS[4] breaker     hash rate key -> consecutive failures
 -- KEYS[5] limits      hash rate key -> tasks/s (the ceiling of a learned rate)
+-- KEYS[6] guard       never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] three cursors, space separated: the offset of the decay walk in the
 --         idle part of the index, then HSCAN cursors of rate_state and paused
 -- ARGV[6] domains or fields each step looks at

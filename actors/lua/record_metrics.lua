@@ -3,6 +3,7 @@
 -- KEYS[1] metrics  hash, since the queue was created: w|S|i and e|S|i (tasks of
 --                  script S whose queue wait / execution fell in bucket i),
 --                  w|S|sum and e|S|sum (µs), o|S|outcome (actors/telemetry.py)
+-- KEYS[2] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] n, then n pairs: a field of KEYS[1], the count to add
 -- then    m, then m pairs: a field of this minute's hash (w<i>, e<i>,
 --         started, completed, failed, retried), the count to add

@@ -8,6 +8,7 @@
 -- KEYS[2] domains  zset: politeness index; per-domain hashes beside it (_lib.lua)
 -- KEYS[3] gates    zset rate key -> next start (ms): a domain whose count went
 --                  down may start its waiting tasks at once
+-- KEYS[4] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV: only the shared context (ARGV[1..4]; the task key prefix finds each slot)
 --
 -- Returns the number of domains whose count was wrong.

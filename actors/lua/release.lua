@@ -12,6 +12,7 @@
 -- KEYS[8] gates       zset rate key -> next start (ms)
 -- KEYS[9] limits      hash rate key -> tasks/s (a learned rate starts below it)
 -- KEYS[10] rate_state hash rate key -> GCRA state (the pause ends with one probe)
+-- KEYS[11] guard   never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] worker id
 -- ARGV[6] delay in ms: 0 = claimable at once (pending), else retry later (delayed)
 -- ARGV[7] reason (for the event), e.g. "drain", "rate_limited" (429),

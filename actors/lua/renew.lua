@@ -1,6 +1,7 @@
 -- renew: extend the leases a worker holds while its tasks run.
 --
 -- KEYS[1] running  zset id -> lease deadline
+-- KEYS[2] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] worker id
 -- ARGV[6] lease in ms
 -- ARGV[7] number of leases n, then n pairs: request_id, attempt

@@ -21,6 +21,7 @@
 -- KEYS[3] delayed  zset id -> due time
 -- KEYS[4] dead     zset id -> time dead-lettered
 -- KEYS[5] stats    hash of monotonic counters (`repaired` counts repairs)
+-- KEYS[6] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] gate key prefix
 -- ARGV[6] result ttl in ms
 -- ARGV[7..] request ids

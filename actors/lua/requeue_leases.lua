@@ -7,6 +7,7 @@
 -- KEYS[5] domains     politeness: per-domain hashes beside this index (a taken-back task's slot is given back)
 -- KEYS[6] politeness  hash: the in-flight cap and adaptive settings
 -- KEYS[7] gates       zset rate key -> next start (ms)
+-- KEYS[8] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] selector: "expired" (leases past their deadline, by the Redis
 --         clock) or "worker" (every lease of the worker named in ARGV[6],
 --         which its supervisor saw die: no need to wait for expiry)

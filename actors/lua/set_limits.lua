@@ -7,6 +7,7 @@
 -- KEYS[2] breaker_settings  hash: failures, cooldown_ms
 -- KEYS[3] politeness        hash: active, cap, cap:<rate key>, adaptive,
 --                           start_rate, min_rate, max_retry_after_ms (see _lib.lua)
+-- KEYS[4] guard             never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV[5] breaker failures threshold (0 = off)
 -- ARGV[6] breaker cooldown in ms
 -- ARGV[7] number of limits n, then n pairs: rate key, tasks/s
