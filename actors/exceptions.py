@@ -62,6 +62,23 @@ class NotReplicatedException(QueueConnectionException):
         self.acknowledged = acknowledged
 
 
+class PartitionLayoutMismatch(QueueError):
+    """``[redis] partitions`` differs from the layout the queue has in Redis.
+
+    A client with another count would place tasks where no worker looks and
+    miss tasks where they are; ``supervisor start`` changes the layout only
+    while the partitions it would drop hold no task (``stranded`` = 0).
+    """
+
+    def __init__(self, configured: int, stored: int, stranded: int = 0) -> None:
+        detail = f"; {stranded} tasks are still in the partitions it would drop" if stranded else ""
+        super().__init__(
+            f"redis.partitions is {configured}, but the queue in Redis is laid out over "
+            f"{stored} partition(s){detail} (docs/deploy.md, 'Changing partitions')"
+        )
+        self.configured, self.stored, self.stranded = configured, stored, stranded
+
+
 class DuplicateTaskException(InvalidTaskException):
     """A different task with the same request_id already exists."""
 

@@ -38,6 +38,7 @@ class KeySpace:
         "guard",
         "history",
         "history_count",
+        "layout",
         "limits",
         "metrics",
         "metrics_lock",
@@ -103,6 +104,9 @@ class KeySpace:
         # before it runs, instead of failing half-way at a task key already moved
         # (docs/protocol.md, "Resharding").
         self.guard = base + "guard"
+        # Hash: `partitions`, the count `supervisor start` laid the queue out over
+        # when more than 1 (absent: one); actors/partitions.py.
+        self.layout = base + "layout"
 
     def task(self, request_id: str) -> str:
         return self.task_prefix + request_id

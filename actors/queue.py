@@ -22,6 +22,7 @@ from actors.connection import open_calls, translated_errors
 from actors.exceptions import (
     BackpressureException,
     InvalidTaskException,
+    PartitionLayoutMismatch,
     QueueConnectionException,
     RedisRightsMissing,
     TaskTimeoutException,
@@ -67,11 +68,16 @@ class RedisQueue:
         queue: str = "default",
         *,
         rights: Sequence[str] = PRODUCER_PROBED,
+        adopt_layout: bool = False,
     ) -> None:
         """``rights``: the commands (actors/rights.py) ``connect`` checks the Redis user
-        may run; a Gateway's by default, ``supervisor start`` asks for a worker host's."""
+        may run; a Gateway's by default, ``supervisor start`` asks for a worker host's.
+        ``adopt_layout``: ``connect`` lays the queue out over ``[redis] partitions``
+        (``supervisor start``) instead of refusing another count."""
         self.settings = settings
         self._rights = rights
+        self._adopt_layout = adopt_layout
+        self.queue_name = queue
         self.partitions = partition_keys(
             settings.redis.key_prefix, queue, settings.redis.partitions
         )
@@ -108,6 +114,7 @@ class RedisQueue:
             missing = await store.missing_rights(self._rights)
             if missing:
                 raise RedisRightsMissing(missing)
+            await self._settle_layout(connection)
         except BaseException:
             await connection.close()
             if durable is not None:
@@ -117,6 +124,43 @@ class RedisQueue:
         self._durable = durable
         self._stores = stores
         self._hub = ResponseHub(self.settings, self.keys, self.read_responses)
+
+    async def _settle_layout(self, connection: Calls) -> None:
+        """Refuse a partition count other than the queue's in Redis, or (``adopt_layout``)
+        make it the queue's when the partitions it drops hold no task.
+
+        Raises ``PartitionLayoutMismatch``.
+        """
+        configured = len(self.partitions)
+        with translated_errors():
+            raw = await connection.execute("HGET", self.keys.layout, "partitions")
+        stored = int(raw) if raw is not None and raw.isdigit() else 1
+        if stored == configured:
+            return
+        if not self._adopt_layout:
+            raise PartitionLayoutMismatch(configured, stored)
+        kept = {keys.base for keys in self.partitions}
+        dropped = [
+            keys
+            for keys in partition_keys(self.settings.redis.key_prefix, self.queue_name, stored)
+            if keys.base not in kept
+        ]
+        with translated_errors():
+            depths = await connection.execute_many(
+                *(
+                    ("ZCARD", key)
+                    for keys in dropped
+                    for key in (keys.pending, keys.running, keys.delayed, keys.dead)
+                )
+            )
+            stranded = sum(depths)
+            if stranded:
+                raise PartitionLayoutMismatch(configured, stored, stranded)
+            if configured == 1:
+                await connection.execute("DEL", self.keys.layout)  # today's layout: no key
+            else:
+                await connection.execute("HSET", self.keys.layout, "partitions", configured)
+        logger.warning("대기열 파티션 수를 %d개에서 %d개로 바꿈", stored, configured)
 
     async def close(self) -> None:
         if self._hub is not None:

@@ -16,7 +16,11 @@ import uvloop
 
 from actors.backoff import jittered
 from actors.endpoint import redacted
-from actors.exceptions import QueueConnectionException, RedisRightsMissing
+from actors.exceptions import (
+    PartitionLayoutMismatch,
+    QueueConnectionException,
+    RedisRightsMissing,
+)
 from actors.exit_codes import CliExit
 from actors.queue import RedisQueue
 from actors.rights import WORKER_HOST_PROBED
@@ -103,7 +107,7 @@ async def _connect_and_supervise(
     settings: Settings, config_path: Path | None, signals: SignalCommands, own_redis: bool
 ) -> int:
     url = redacted(settings.redis.url)
-    queue = RedisQueue(settings, rights=WORKER_HOST_PROBED)
+    queue = RedisQueue(settings, rights=WORKER_HOST_PROBED, adopt_layout=True)
     metrics = None
     with SystemdNotifier() as notifier:
         try:
@@ -134,6 +138,14 @@ async def _connect_and_supervise(
         except (EvictionPolicyError, ServerVersionError) as exc:
             logger.error("Redis(%s) 설정 때문에 시작을 거부합니다: %s", url, exc)
             return CliExit.USAGE
+        except PartitionLayoutMismatch as exc:
+            logger.error(
+                "파티션 수를 바꿀 수 없어 시작하지 않습니다: 없어질 파티션에 작업 %d건이 남아 "
+                "있습니다. 대기열을 비운 뒤 다시 시작하세요: %s",
+                exc.stranded,
+                exc,
+            )
+            return CliExit.USAGE
         finally:
             if metrics is not None:
                 await asyncio.to_thread(metrics.close)
@@ -163,7 +175,7 @@ async def _wait_for_redis(
     while True:
         try:
             return await _connect_and_check(queue, settings, url)
-        except RedisRightsMissing:
+        except (RedisRightsMissing, PartitionLayoutMismatch):
             raise
         except QueueConnectionException as exc:
             await queue.close()

@@ -22,6 +22,7 @@ from actors.exceptions import (
     BackpressureException,
     InvalidTaskException,
     NotReplicatedException,
+    PartitionLayoutMismatch,
     QueueConnectionException,
     QueueError,
     TaskTimeoutException,
@@ -141,6 +142,10 @@ def report(
     """
     if isinstance(exc, ConfigError):
         logger.error("설정 오류: %s", exc)
+        eprint(f"error: configuration: {exc}")
+        return CliExit.USAGE
+    if isinstance(exc, PartitionLayoutMismatch):
+        logger.error("파티션 수가 Redis의 대기열과 다름: %s", exc)
         eprint(f"error: configuration: {exc}")
         return CliExit.USAGE
     if isinstance(exc, InvalidTaskException):

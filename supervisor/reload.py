@@ -11,7 +11,17 @@ from config.settings import Settings
 # policy's parameters.
 _RESTART_ONLY: dict[str, tuple[str, ...]] = {
     "dashboard": ("enabled", "token"),
-    "redis": ("url", "embedded", "key_prefix"),
+    "redis": (
+        "url",
+        "embedded",
+        "key_prefix",
+        "sentinel",
+        "master_name",
+        "cluster",
+        "partitions",
+        "durable_enqueue",
+        "durable_timeout",
+    ),
     "supervisor": (
         "state_dir",
         "metrics_port",

@@ -168,7 +168,7 @@ def partitioned(settings: Settings) -> Settings:
 @pytest.fixture
 async def pqueue(partitioned: Settings) -> AsyncIterator[RedisQueue]:
     """A connected 3-partition RedisQueue, its settings published as ``supervisor start`` does."""
-    async with RedisQueue(partitioned) as connected:
+    async with RedisQueue(partitioned, adopt_layout=True) as connected:
         await connected.publish_settings(partitioned)
         yield connected
 

@@ -83,7 +83,7 @@ async def test_seed_workflow_on_a_cluster_spans_every_master_and_the_cli_sees_it
     clustered: Settings, cluster: ClusterTopology, capsys: pytest.CaptureFixture[str]
 ) -> None:
     requests = fetches(60, domains=12)
-    async with RedisQueue(clustered) as gateway, RedisQueue(clustered) as worker:
+    async with RedisQueue(clustered, adopt_layout=True) as gateway, RedisQueue(clustered) as worker:
         await gateway.publish_settings(clustered)
         waits = [asyncio.create_task(gateway.wait_for_response(r.request_id, 30)) for r in requests]
         await gateway.enqueue_many(requests)
@@ -111,7 +111,7 @@ async def test_supervisors_on_a_cluster_complete_every_task_once_and_every_event
     """Two supervisors over three masters: the ledger, the waiters and the live events."""
     requests = fetches(300, domains=30)
     waited = [ScrapingRequest(script_name="sleep", parameters={"seconds": 0.5}) for _ in range(20)]
-    async with RedisQueue(clustered) as gateway, event_log(gateway) as events:
+    async with RedisQueue(clustered, adopt_layout=True) as gateway, event_log(gateway) as events:
         supervisors = [
             launch(config_file(tmp_path / name, own_state(clustered, tmp_path / name), 1))
             for name in ("a", "b")
@@ -170,7 +170,7 @@ async def test_a_partition_moved_to_another_master_under_load_loses_and_repeats_
     requests = [
         ScrapingRequest(script_name="sleep", parameters={"seconds": 0.01}) for _ in range(900)
     ]
-    async with RedisQueue(lively) as gateway:
+    async with RedisQueue(lively, adopt_layout=True) as gateway:
         await gateway.publish_settings(lively)
         await gateway.enqueue_many(requests[:600])
         workers = [Worker(f"w{n}", lively, os.getppid()) for n in range(2)]
@@ -207,7 +207,7 @@ async def test_a_script_is_refused_before_it_runs_while_its_slot_migrates_not_ha
     Without the guard key the script would run on the old master, extend the
     first lease and fail at the second task's key, now on the new master.
     """
-    async with RedisQueue(clustered) as queue:
+    async with RedisQueue(clustered, adopt_layout=True) as queue:
         await queue.publish_settings(clustered)
         store, keys = queue.stores[1], queue.partitions[1]
         ids = [await enqueue_into(queue, 1) for _ in range(2)]

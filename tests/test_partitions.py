@@ -13,15 +13,17 @@ import contextlib
 import os
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from helpers import admin, wait_for
-from supervisor_harness import configured
+from supervisor_harness import configured, write_config
 
 from actors import worker as worker_module
 from actors.base import Actor
 from actors.cluster import SLOTS, key_slot
-from actors.exceptions import BackpressureException
+from actors.exceptions import BackpressureException, PartitionLayoutMismatch
+from actors.exit_codes import CliExit
 from actors.governor import Governor
 from actors.heartbeat import HeartbeatMonitor
 from actors.keys import KeySpace
@@ -31,6 +33,7 @@ from actors.queue import RedisQueue, TaskManager
 from actors.reaper import Reaper
 from actors.worker import Worker
 from config.settings import MAX_PARTITIONS, ConfigError, Settings
+from supervisor.cli import run
 
 pytestmark = pytest.mark.usefixtures("restore_signals")
 
@@ -210,7 +213,7 @@ async def test_the_hard_cap_is_per_partition_and_the_governor_closes_them_all(
         partitioned,
         backpressure={"high_watermark": 12, "low_watermark": 4, "throttle_at": 12},
     )
-    async with RedisQueue(limits) as queue:
+    async with RedisQueue(limits, adopt_layout=True) as queue:
         await queue.publish_settings(limits)
         for partition in range(PARTITIONS):  # 8 each: under each partition's cap
             await queue.enqueue_many([fetch(site_in(partition)) for _ in range(8)])
@@ -312,3 +315,45 @@ async def test_a_lost_workers_leases_are_requeued_in_every_partition(
 
 async def status_is(manager: TaskManager, request_id: str, status: TaskStatus) -> bool:
     return await manager.get_task_status(request_id) is status
+
+
+# -- the layout in Redis ---------------------------------------------------------------------
+
+
+async def test_a_client_with_another_partition_count_is_refused_naming_the_setting(
+    settings: Settings, pqueue: RedisQueue
+) -> None:
+    with pytest.raises(PartitionLayoutMismatch, match=r"redis\.partitions is 1.* over 3 "):
+        async with RedisQueue(settings):
+            pass
+    async with RedisQueue(configured(settings, redis={"partitions": PARTITIONS})) as same:
+        assert len(same.stores) == PARTITIONS
+
+
+async def test_a_supervisor_drops_partitions_only_once_they_hold_no_task(
+    settings: Settings, pqueue: RedisQueue
+) -> None:
+    stranded = fetch(site_in(2))
+    await pqueue.enqueue_task(stranded)
+
+    with pytest.raises(PartitionLayoutMismatch, match="1 tasks are still") as refused:
+        async with RedisQueue(settings, adopt_layout=True):
+            pass
+    assert refused.value.stranded == 1
+
+    assert await pqueue.cancel_task(stranded.request_id)  # finished: in no queue set
+    async with RedisQueue(settings, adopt_layout=True) as one:
+        assert await admin(one).exists(one.keys.layout) == 0  # today's layout: no key
+    async with RedisQueue(settings) as plain:
+        assert len(plain.stores) == 1
+
+
+async def test_the_cli_with_another_partition_count_exits_with_a_configuration_error(
+    settings: Settings, pqueue: RedisQueue, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "one.toml", settings)
+
+    status = await asyncio.to_thread(run, ["--config", str(config), "status"])
+
+    assert status == CliExit.USAGE
+    assert "redis.partitions is 1" in capsys.readouterr().err

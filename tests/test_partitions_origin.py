@@ -44,7 +44,7 @@ async def test_per_domain_limits_at_an_origin_hold_with_three_partitions_as_with
     assert len(homes) == min(partitions, 3)
     config = config_file(tmp_path, polite, 1)
     env = {"PYTHONPATH": str(TESTS)}
-    async with RedisQueue(polite) as queue:
+    async with RedisQueue(polite, adopt_layout=True) as queue:
         manager = TaskManager(queue)
         with Origin(HIDDEN_RATE) as origin:
             hosts = [launch(config, env), launch(config, env)]
