@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 from cluster_topology import PASSWORD, ClusterTopology, cluster_support_missing, started_cluster
 from helpers import event_log, wait_for
-from supervisor_harness import DRAIN_TIMEOUT, Launcher, config_file, configured, write_config
+from supervisor_harness import (
+    DRAIN_TIMEOUT,
+    Launcher,
+    config_file,
+    configured,
+    wait_for_workers,
+    write_config,
+)
 from test_cluster_connection import migrate_slot
 from test_redis_endpoints import work
 
@@ -108,19 +115,33 @@ async def test_seed_workflow_on_a_cluster_spans_every_master_and_the_cli_sees_it
 async def test_supervisors_on_a_cluster_complete_every_task_once_and_every_event_is_heard(
     clustered: Settings, cluster: ClusterTopology, launch: Launcher, tmp_path: Path
 ) -> None:
-    """Two supervisors over three masters: the ledger, the waiters and the live events."""
-    requests = fetches(300, domains=30)
+    """Two supervisors over three masters, one worker killed with -9 mid-run: the ledger
+    (lost 0, completed twice 0), the waiters and the live events."""
+    requests = [
+        ScrapingRequest(
+            script_name="sleep",
+            parameters={"seconds": 0.1, "url": f"https://d{n % 30}.example/{n}"},
+        )
+        for n in range(300)
+    ]
     waited = [ScrapingRequest(script_name="sleep", parameters={"seconds": 0.5}) for _ in range(20)]
     async with RedisQueue(clustered, adopt_layout=True) as gateway, event_log(gateway) as events:
+        manager = TaskManager(gateway)
         supervisors = [
             launch(config_file(tmp_path / name, own_state(clustered, tmp_path / name), 1))
             for name in ("a", "b")
         ]
+        (victim,) = await wait_for_workers(gateway, supervisors[0], 1)
         waiters = [asyncio.create_task(gateway.wait_for_response(r.request_id, 90)) for r in waited]
         await gateway.enqueue_many(waited)
         await gateway.enqueue_many(requests)
+
+        async def under_way() -> bool:
+            return (await manager.queue_stats())["completed"] >= 60
+
+        await wait_for(under_way, 60, interval=0.05, message="the tasks did not start")
+        os.kill(victim, signal.SIGKILL)
         responses = await asyncio.wait_for(asyncio.gather(*waiters), 90)
-        manager = TaskManager(gateway)
 
         async def drained() -> bool:
             stats = await manager.queue_stats()
@@ -134,12 +155,16 @@ async def test_supervisors_on_a_cluster_complete_every_task_once_and_every_event
         )
         stats = await manager.queue_stats()
         statuses = Counter([await manager.get_task_status(r.request_id) for r in requests])
+        replaced = await wait_for_workers(gateway, supervisors[0], 1)
         for supervisor in supervisors:
             assert supervisor.process.poll() is None, supervisor.output()
     for supervisor in supervisors:
         supervisor.send(signal.SIGTERM)
     exits = [await s.exit_code(DRAIN_TIMEOUT + 10) for s in supervisors]
 
+    assert victim not in replaced  # the supervisor restarted the killed worker
+    assert count_of(events, "worker.lost") == 1
+    assert count_of(events, "task.requeued") >= 1  # it died holding leases: redelivered
     assert statuses == Counter({TaskStatus.COMPLETED: len(requests)})
     assert stats["completed"] == len(requests) + len(waited), "a task was completed twice"
     assert stats["pending"] == stats["running"] == stats["dead_letter"] == 0
