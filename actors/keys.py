@@ -40,6 +40,7 @@ class KeySpace:
         "history_count",
         "layout",
         "limits",
+        "listeners",
         "metrics",
         "metrics_lock",
         "paused",
@@ -107,6 +108,9 @@ class KeySpace:
         # Hash: `partitions`, the count `supervisor start` laid the queue out over
         # when more than 1 (absent: one); actors/partitions.py.
         self.layout = base + "layout"
+        # String with a TTL: on a Redis Cluster, someone listens to `events`
+        # (actors/listeners.py); the scripts publish events only while it exists.
+        self.listeners = base + "listeners"
 
     def task(self, request_id: str) -> str:
         return self.task_prefix + request_id
@@ -128,14 +132,14 @@ class KeySpace:
     def done(self, request_id: str) -> str:
         return self.done_prefix + request_id
 
-    def script_context(self, *, always_publish: bool = False) -> list[str]:
+    def script_context(self, *, on_cluster: bool = False) -> list[str]:
         """The ARGV[1..4] every Lua script starts with (see lua/_lib.lua).
 
-        ``always_publish``: the scripts publish every event without asking
-        whether anyone listens (marked by a ``{`` before the events channel,
-        which a channel name cannot start with). On a Redis Cluster, where a
-        node counts only its own subscribers, asking would silence events
-        that a subscriber on another node waits for.
+        ``on_cluster``: the queue is on a Redis Cluster (marked by a ``{``
+        before the events channel, which a channel name cannot start with).
+        A node there counts only its own subscribers and forwards every
+        PUBLISH to every master, so the scripts publish events only while a
+        listener announces itself in ``listeners`` (actors/listeners.py).
         """
-        events = "{" + self.events if always_publish else self.events
+        events = "{" + self.events if on_cluster else self.events
         return [self.task_prefix, events, self.done_prefix, self.wake]

@@ -160,7 +160,7 @@ class RedisQueue:
                 await connection.execute("DEL", self.keys.layout)  # today's layout: no key
             else:
                 await connection.execute("HSET", self.keys.layout, "partitions", configured)
-        logger.warning("대기열 파티션 수를 %d개에서 %d개로 바꿈", stored, configured)
+        logger.info("대기열 배치를 파티션 %d개에서 %d개로 정함", stored, configured)
 
     async def close(self) -> None:
         if self._hub is not None:

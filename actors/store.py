@@ -283,7 +283,7 @@ class TaskStore:
         self._durable_replicas = settings.redis.durable_enqueue
         self._durable_ms = int(settings.redis.durable_timeout * 1000)
         self.keys = keys
-        self._context = keys.script_context(always_publish=settings.redis.cluster)
+        self._context = keys.script_context(on_cluster=settings.redis.cluster)
         # The KEYS of every script that needs none from the call, built once.
         self._script_keys = {
             name: script_keys(keys, name)

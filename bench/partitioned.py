@@ -74,12 +74,7 @@ from supervisor.redis_server import RedisServer, find_redis_server
 # tests folder is not a package, so it goes on the path (at the end: nothing of
 # the benchmark's is shadowed) to import that module from there.
 sys.path.append(str(ROOT / "tests"))
-from cluster_topology import (
-    NODE_TIMEOUT_MS,
-    PASSWORD,
-    ClusterTopology,
-    cluster_port,
-)
+from cluster_topology import ClusterTopology, cluster_node
 
 #: Completion polls, as W1's.
 POLL = 0.02
@@ -170,22 +165,7 @@ def started_masters(folder: Path, size: int) -> Iterator[ClusterTopology]:
     redis-cli: each master's slots given with ``CLUSTER ADDSLOTS``, the nodes
     introduced with ``CLUSTER MEET``.
     """
-    masters = [
-        RedisServer(
-            folder / f"node{index}",
-            port=cluster_port(),
-            appendonly=False,
-            password=PASSWORD,
-            extra={  # as in tests/cluster_topology.started_cluster
-                "cluster-enabled": "yes",
-                "cluster-config-file": "nodes.conf",
-                "cluster-node-timeout": str(NODE_TIMEOUT_MS),
-                "cluster-require-full-coverage": "no",
-                "masterauth": PASSWORD,
-            },
-        )
-        for index in range(size)
-    ]
+    masters = [cluster_node(folder / f"node{index}") for index in range(size)]
     try:
         for server in masters:
             server.start()

@@ -17,6 +17,7 @@ from actors import redis_errors
 from actors.connection import open_subscription
 from actors.exit_codes import CliExit
 from actors.history import EventDomains, EventHistory, event_filter
+from actors.listeners import ListenerAnnouncement
 from actors.queue import RedisQueue, TaskManager, WorkerMonitor
 from actors.subscription import Message
 from actors.telemetry import QueueTelemetry
@@ -336,11 +337,12 @@ async def _follow_live(settings: Settings, queue: RedisQueue, printer: _EventPri
     try:
         await subscription.subscribe(queue.keys.events)
         logger.info("이벤트 스트림 구독 시작: %s", queue.keys.events)
-        with stop_on_signals() as stop:
-            while not stop.is_set() and not printer.done:
-                event = await feed.next(POLL_SECONDS)
-                if event is not None:
-                    await printer.show(event)
+        async with ListenerAnnouncement(queue):
+            with stop_on_signals() as stop:
+                while not stop.is_set() and not printer.done:
+                    event = await feed.next(POLL_SECONDS)
+                    if event is not None:
+                        await printer.show(event)
     finally:
         await subscription.close()
 

@@ -138,25 +138,27 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> None:
     raise AssertionError(f"not {what} within {timeout} s")
 
 
+def cluster_node(folder: Path) -> RedisServer:
+    """One cluster-enabled redis-server (not started) on a free port pair, with the password."""
+    return RedisServer(
+        folder,
+        port=cluster_port(),
+        appendonly=False,
+        password=PASSWORD,
+        extra={
+            "cluster-enabled": "yes",
+            "cluster-config-file": "nodes.conf",
+            "cluster-node-timeout": str(NODE_TIMEOUT_MS),
+            "cluster-require-full-coverage": "no",
+            "masterauth": PASSWORD,
+        },
+    )
+
+
 @contextlib.contextmanager
 def started_cluster(folder: Path, size: int = 3) -> Iterator[ClusterTopology]:
     """``size`` masters joined into one cluster; everything stopped and removed afterwards."""
-    masters = [
-        RedisServer(
-            folder / f"node{index}",
-            port=cluster_port(),
-            appendonly=False,
-            password=PASSWORD,
-            extra={
-                "cluster-enabled": "yes",
-                "cluster-config-file": "nodes.conf",
-                "cluster-node-timeout": str(NODE_TIMEOUT_MS),
-                "cluster-require-full-coverage": "no",
-                "masterauth": PASSWORD,
-            },
-        )
-        for index in range(size)
-    ]
+    masters = [cluster_node(folder / f"node{index}") for index in range(size)]
     try:
         for server in masters:
             server.start()

@@ -16,6 +16,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from actors.listeners import ListenerAnnouncement
 from actors.queue import RedisQueue
 
 _RAW_CLIENTS: dict[tuple[str, int], redis.asyncio.Redis] = {}
@@ -122,9 +123,15 @@ async def next_message(pubsub: PubSub, timeout: float = 5) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def event_log(queue: RedisQueue) -> AsyncIterator[list[dict[str, Any]]]:
-    """Every event published while the block runs, appended as it arrives."""
+    """Every event published while the block runs, appended as it arrives.
+
+    On a Redis Cluster the listener announces itself (actors/listeners.py).
+    """
     seen: list[dict[str, Any]] = []
-    async with subscribed(queue, queue.keys.events) as pubsub:
+    async with (
+        subscribed(queue, queue.keys.events) as pubsub,
+        ListenerAnnouncement(queue),
+    ):
 
         async def pump() -> None:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)

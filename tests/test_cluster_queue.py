@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from cluster_topology import PASSWORD, ClusterTopology, cluster_support_missing, started_cluster
-from helpers import event_log, wait_for
+from helpers import event_log, next_message, subscribed, wait_for
 from supervisor_harness import (
     DRAIN_TIMEOUT,
     Launcher,
@@ -32,6 +32,7 @@ from test_redis_endpoints import work
 
 from actors.cluster import key_slot
 from actors.exceptions import QueueConnectionException
+from actors.listeners import ListenerAnnouncement
 from actors.models import ScrapingRequest, TaskStatus
 from actors.partitions import partition_keys
 from actors.queue import RedisQueue, TaskManager
@@ -302,3 +303,19 @@ async def move_keys(
         await client.execute_command(
             "MIGRATE", target.host, target.port, "", 0, 5000, "AUTH", PASSWORD, "KEYS", *keys
         )
+
+
+async def test_on_a_cluster_events_are_published_only_while_a_listener_announces_itself(
+    clustered: Settings, cluster: ClusterTopology
+) -> None:
+    async with (
+        RedisQueue(clustered, adopt_layout=True) as queue,
+        subscribed(queue, queue.keys.events) as pubsub,
+    ):
+        await queue.enqueue_task(ScrapingRequest(script_name="echo"))
+        assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=1) is None
+        async with ListenerAnnouncement(queue):
+            for partition in range(PARTITIONS):
+                request_id = await enqueue_into(queue, partition)
+                event = await next_message(pubsub)
+                assert json.loads(event["data"])["request_id"] == request_id

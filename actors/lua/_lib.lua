@@ -12,11 +12,15 @@
 -- Script-specific arguments start at ARGV[5].
 
 local PREFIX, EVENTS, DONE, WAKE = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
--- An events channel marked with a leading '{' (KeySpace.script_context): publish
--- every event without asking whether anyone listens (a Redis Cluster node counts
--- only its own subscribers, but delivers to those of every node).
-local events_always = string.byte(EVENTS, 1) == 123  -- '{'
-if events_always then
+-- The keys of this partition are BASE .. name (KeySpace.base: PREFIX is BASE .. 'task:').
+-- The channels EVENTS and DONE are the queue's, shared by all its partitions.
+local BASE = string.sub(PREFIX, 1, #PREFIX - #'task:')
+-- An events channel marked with a leading '{' (KeySpace.script_context): the
+-- queue is on a Redis Cluster, where a node counts only its own subscribers.
+-- Listeners there announce themselves instead, in every partition
+-- (BASE .. 'listeners', a key they renew; actors/listeners.py).
+local events_on_cluster = string.byte(EVENTS, 1) == 123  -- '{'
+if events_on_cluster then
   EVENTS = string.sub(EVENTS, 2)
 end
 
@@ -80,7 +84,13 @@ end
 local events_asked, events_heard = 0, true
 local function events_wanted()
   events_asked = events_asked + 1
-  if events_asked == 2 and not events_always then
+  if events_on_cluster then
+    if events_asked == 1 then
+      -- A cluster forwards every PUBLISH to every master: asked at the first event.
+      local listening = redis.pcall('EXISTS', BASE .. 'listeners')
+      events_heard = type(listening) ~= 'number' or listening == 1
+    end
+  elseif events_asked == 2 then
     -- A refused question (ACL) counts as "someone listens": publish() decides.
     local subscribers = redis.pcall('PUBSUB', 'NUMSUB', EVENTS)
     local patterns = redis.pcall('PUBSUB', 'NUMPAT')
@@ -100,9 +110,6 @@ end
 -- stream's existence is the switch: `supervisor start` creates it when
 -- `history` > 0. store.py wraps every script so that save_history() runs
 -- when it returns.
--- The keys of this partition are BASE .. name (KeySpace.base: PREFIX is BASE .. 'task:').
--- The channels EVENTS and DONE are the queue's, shared by all its partitions.
-local BASE = string.sub(PREFIX, 1, #PREFIX - #'task:')
 local HISTORY = BASE .. 'events:history'
 local HISTORY_COUNT = HISTORY .. ':count'
 local history_on = nil
