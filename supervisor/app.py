@@ -205,7 +205,7 @@ async def _connect_and_check(queue: RedisQueue, settings: Settings, url: str) ->
     version = await check_server_version(queue.connection)
     logger.info("Redis %s 연결됨: %s", version, url)
     await check_eviction_policy(queue.connection)
-    epoch = EpochGuard(queue.connection, queue.keys)
+    epoch = EpochGuard(queue.connection, queue.partitions)
     await epoch.establish()
     await queue.publish_settings(settings)
     return epoch

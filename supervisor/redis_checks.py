@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 
 from actors.calls import Calls
 from actors.connection import translated_errors
@@ -92,70 +93,84 @@ async def check_eviction_policy(connection: Calls) -> None:
 class EpochGuard:
     """Detects a Redis that came back without its data.
 
-    `establish` creates ``<base>epoch`` with a random value unless it exists
-    (another supervisor of the same queue may have made it) and remembers the
-    value and the server's ``run_id``. `check` compares both again.
+    `establish` creates ``<base>epoch`` (in every partition) with a random
+    value unless it exists (another supervisor of the same queue may have made
+    it) and remembers the value and the server's ``run_id``. `check` compares
+    both again.
     """
 
-    def __init__(self, connection: Calls, keys: KeySpace) -> None:
+    def __init__(self, connection: Calls, partitions: Sequence[KeySpace]) -> None:
+        """One epoch key per partition: on a Redis Cluster each may be on another master."""
         self._connection = connection
-        self._key = keys.epoch
-        self._epoch: bytes | None = None
-        self._run_id: str | None = None
+        self._keys = [keys.epoch for keys in partitions]
+        self._epochs: dict[str, bytes] = {}
+        self._run_ids: dict[str, str] = {}
 
     async def establish(self) -> None:
-        self._epoch = await self._ensure_epoch()
-        self._run_id = await self._server_run_id()
-        logger.info("Redis 세대 키 확인 (run_id=%s)", self._run_id)
+        for key in self._keys:
+            self._epochs[key] = await self._ensure_epoch(key)
+            self._run_ids[key] = await self._server_run_id(key)
+        logger.info(
+            "Redis 세대 키 확인 (run_id=%s)", ", ".join(sorted(set(self._run_ids.values())))
+        )
 
     async def check(self) -> bool:
         """True when the data is the data we started with; logs and repairs otherwise.
 
         Raises ``QueueConnectionException`` when Redis cannot be reached.
         """
+        intact = True
+        for key in self._keys:
+            intact = await self._check(key) and intact
+        return intact
+
+    async def _check(self, key: str) -> bool:
         with translated_errors():
-            current = await self._connection.execute("GET", self._key)
-        run_id = await self._server_run_id()
-        if run_id != self._run_id:
-            logger.warning("Redis 서버가 재시작되었습니다 (run_id %s → %s)", self._run_id, run_id)
-            self._run_id = run_id
-        if current is not None and current == self._epoch:
+            current = await self._connection.execute("GET", key)
+        run_id = await self._server_run_id(key)
+        if run_id != self._run_ids.get(key):
+            logger.warning(
+                "Redis 서버가 재시작되었습니다 (run_id %s → %s)", self._run_ids.get(key), run_id
+            )
+            self._run_ids[key] = run_id
+        if current is not None and current == self._epochs.get(key):
             return True
         if current is None:
             logger.error(
                 "!!! Redis 데이터 유실 감지: 세대 키 %s 가 사라졌습니다. Redis가 영속성 없이 "
                 "재시작되었거나 데이터가 삭제되었습니다. 대기 중·실행 중이던 작업이 "
                 "사라졌을 수 있습니다. Redis의 appendonly 설정을 확인하세요 !!!",
-                self._key,
+                key,
             )
         else:
             logger.error(
                 "!!! Redis 데이터 교체 감지: 세대 키 %s 의 값이 바뀌었습니다. 다른 곳에서 "
                 "데이터 유실을 먼저 감지했거나 다른 데이터셋으로 바뀌었습니다 !!!",
-                self._key,
+                key,
             )
-        self._epoch = await self._ensure_epoch()
+        self._epochs[key] = await self._ensure_epoch(key)
         return False
 
-    async def _ensure_epoch(self) -> bytes:
+    async def _ensure_epoch(self, key: str) -> bytes:
         """The epoch in Redis: ours if there was none, else the one already there."""
         candidate = uuid.uuid4().hex.encode()
         with translated_errors():
             while True:  # repeats only if the key is deleted between SET NX and GET
-                if await self._connection.execute("SET", self._key, candidate, "NX"):
+                if await self._connection.execute("SET", key, candidate, "NX"):
                     return candidate
-                value = await self._connection.execute("GET", self._key)
+                value = await self._connection.execute("GET", key)
                 if isinstance(value, bytes):
                     return value
 
-    async def _server_run_id(self) -> str:
-        """The server's ``run_id``; "" where an ACL refuses ``INFO`` (restarts then go
-        unnoticed by this check, while lost data is still caught by the epoch key)."""
+    async def _server_run_id(self, key: str) -> str:
+        """The ``run_id`` of the server holding ``key``; "" where an ACL refuses ``INFO``
+        (restarts then go unnoticed by this check, while lost data is still caught by
+        the epoch key)."""
         try:
             with translated_errors():
-                info: bytes = await self._connection.execute("INFO", "server")
+                info: bytes = await self._connection.execute_at(key, "INFO", "server")
         except ScriptError as exc:
-            if self._run_id is None:
+            if key not in self._run_ids:
                 logger.warning("Redis INFO가 거부되어 재시작 감지(run_id)를 건너뜁니다: %s", exc)
             return ""
         return info_field(info, "run_id")

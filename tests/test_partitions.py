@@ -34,6 +34,7 @@ from actors.reaper import Reaper
 from actors.worker import Worker
 from config.settings import MAX_PARTITIONS, ConfigError, Settings
 from supervisor.cli import run
+from supervisor.redis_checks import EpochGuard
 
 pytestmark = pytest.mark.usefixtures("restore_signals")
 
@@ -357,3 +358,18 @@ async def test_the_cli_with_another_partition_count_exits_with_a_configuration_e
 
     assert status == CliExit.USAGE
     assert "redis.partitions is 1" in capsys.readouterr().err
+
+
+async def test_lost_data_in_any_partition_is_caught_by_its_epoch_key(
+    pqueue: RedisQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = EpochGuard(pqueue.connection, pqueue.partitions)
+    await guard.establish()
+    assert await guard.check()
+
+    lost = pqueue.partitions[2].epoch  # on a cluster: another master restarted empty
+    await admin(pqueue).delete(lost)
+
+    assert not await guard.check()
+    assert any(lost in record.getMessage() for record in caplog.records)
+    assert await guard.check()  # recreated: the next check is quiet

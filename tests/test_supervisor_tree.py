@@ -136,7 +136,7 @@ class Supervise:
         config: Path | None = None,
         notifier: SystemdNotifier | None = None,
     ) -> tuple[ProcessTree, asyncio.Task[int]]:
-        epoch = EpochGuard(self.queue.connection, self.queue.keys)
+        epoch = EpochGuard(self.queue.connection, self.queue.partitions)
         await epoch.establish()
         tree = ProcessTree(
             settings,
