@@ -28,7 +28,10 @@ LIMITED_RATE = 10.0
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("partitions", [1, 3])
+# The one-partition run is opt-in (-m slow) to keep the suite's time: the same
+# sites at one partition are in the default suite through tests/test_politeness.py
+# and tests/test_rate_limits_hosts.py; run both to compare side by side.
+@pytest.mark.parametrize("partitions", [pytest.param(1, marks=pytest.mark.slow), 3])
 async def test_per_domain_limits_at_an_origin_hold_with_three_partitions_as_with_one(
     settings: Settings, launch: Launcher, tmp_path: Path, partitions: int
 ) -> None:
