@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,12 +20,15 @@ import pytest
 import redis
 from faults.proxy import Proxy
 from helpers import wait_for
+from supervisor_harness import write_config
+from test_redis_endpoints import work
 
 from actors.exceptions import NotReplicatedException, QueueConnectionException
 from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus
 from actors.queue import RedisQueue, TaskManager
 from actors.store import Completion
 from config.settings import ConfigError, Settings
+from supervisor.cli import run
 from supervisor.redis_server import RedisServer, find_redis_server, free_port
 
 MASTER_NAME = "scrapeq-test"
@@ -196,6 +200,26 @@ async def test_work_follows_a_sentinel_failover_and_completes_every_task_once(
     assert len(acknowledged) == 90
     assert sorted(done) == sorted(acknowledged), "a task was lost or completed twice"
     assert {response.status for response in responses} == {TaskStatus.COMPLETED}
+
+
+async def test_seed_workflow_through_sentinels_waiters_and_the_cli_reach_the_master(
+    settings: Settings, topology: Topology, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configured = through_sentinels(settings, topology)
+    requests = [ScrapingRequest(script_name="echo", parameters={"n": n}) for n in range(20)]
+    async with RedisQueue(configured) as gateway, RedisQueue(configured) as worker:
+        waits = [asyncio.create_task(gateway.wait_for_response(r.request_id, 20)) for r in requests]
+        await gateway.enqueue_many(requests)
+        await work(worker, len(requests))
+        responses = await asyncio.gather(*waits)
+    assert [r.data for r in responses] == [{"echo": {"n": n}} for n in range(20)]
+
+    config = write_config(tmp_path / "sentinel.toml", configured)
+    capsys.readouterr()
+    assert await asyncio.to_thread(run, ["--config", str(config), "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["queue"]["completed"] == len(requests)
+    assert status["queue"]["pending"] == 0
 
 
 def test_a_sentinel_address_must_be_host_and_port() -> None:
