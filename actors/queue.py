@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -655,6 +655,10 @@ class TaskManager:
 
     async def queue_stats(self) -> dict[str, int]:
         """Counts per state (of all partitions): current depths and monotonic totals."""
+        return total_stats(await self.partition_stats())
+
+    async def partition_stats(self) -> list[dict[str, int]]:
+        """``queue_stats`` of each partition, in partition order (one read of them all)."""
         commands: list[tuple[str, str]] = []
         for keys in self.queue.partitions:
             commands += [
@@ -663,23 +667,26 @@ class TaskManager:
             commands.append(("HGETALL", keys.stats))
         with translated_errors():
             replies = await self.queue.connection.execute_many(*commands)
-        pending, running, retrying, dead = (sum(replies[i::5]) for i in range(4))
-        counters: Counter[str] = Counter()
-        for totals in replies[4::5]:
-            counters.update({k.decode(): v for k, v in numbers(as_dict(totals)).items()})
-        gated = counters.get("gated", 0)
-        return {
-            "pending": pending + gated,
-            "running": running,
-            "retrying": retrying,
-            "completed": counters.get("completed", 0),
-            "failed": counters.get("failed", 0),
-            "dead_letter": dead,
-            "cancelled": counters.get("cancelled", 0),
-            "enqueued": counters.get("enqueued", 0),
-            "gated": gated,  # pending, but waiting for a rate-limited key
-            "repaired": counters.get("repaired", 0),  # found in no set by the reaper's sweep
-        }
+        found = []
+        for at in range(0, len(replies), 5):
+            pending, running, retrying, dead, totals = replies[at : at + 5]
+            counters = {k.decode(): v for k, v in numbers(as_dict(totals)).items()}
+            gated = counters.get("gated", 0)
+            found.append(
+                {
+                    "pending": pending + gated,
+                    "running": running,
+                    "retrying": retrying,
+                    "completed": counters.get("completed", 0),
+                    "failed": counters.get("failed", 0),
+                    "dead_letter": dead,
+                    "cancelled": counters.get("cancelled", 0),
+                    "enqueued": counters.get("enqueued", 0),
+                    "gated": gated,  # pending, but waiting for a rate-limited key
+                    "repaired": counters.get("repaired", 0),  # in no set, found by the sweep
+                }
+            )
+        return found
 
     async def throttled(self, reasons: Sequence[str]) -> dict[str, int]:
         """429/503 answers scripts reported, by reason (``RateLimited.reason``), ever."""
@@ -699,6 +706,26 @@ class TaskManager:
             return as_dict(
                 await self.queue.connection.execute("HGETALL", self.queue.keys.backpressure)
             )
+
+
+#: The counts of ``TaskManager.queue_stats``, in the order it gives them.
+STAT_NAMES = (
+    "pending",
+    "running",
+    "retrying",
+    "completed",
+    "failed",
+    "dead_letter",
+    "cancelled",
+    "enqueued",
+    "gated",
+    "repaired",
+)
+
+
+def total_stats(per_partition: Sequence[dict[str, int]]) -> dict[str, int]:
+    """The queue's ``queue_stats`` from its partitions' (``partition_stats``)."""
+    return {name: sum(counts[name] for counts in per_partition) for name in STAT_NAMES}
 
 
 #: The fields of a domain's politeness hash that ``TaskManager.domains`` shows.

@@ -18,7 +18,7 @@ from actors.connection import open_subscription
 from actors.exit_codes import CliExit
 from actors.history import EventDomains, EventHistory, event_filter
 from actors.listeners import ListenerAnnouncement
-from actors.queue import RedisQueue, TaskManager, WorkerMonitor
+from actors.queue import RedisQueue, TaskManager, WorkerMonitor, total_stats
 from actors.subscription import Message
 from actors.telemetry import QueueTelemetry
 from config.settings import Settings
@@ -50,7 +50,8 @@ def register(commands: Subcommands, common: argparse.ArgumentParser) -> None:
         help="show queue depths, workers and backpressure",
         description="Show queue depths and totals, throughput, latency percentiles, every "
         "known worker and the backpressure state. --json prints one object with 'queue', "
-        "'workers', 'backpressure', 'paused_keys', 'domains', 'latency' and 'throughput'.",
+        "'workers', 'backpressure', 'paused_keys', 'domains', 'latency' and 'throughput' "
+        "(and 'partitions', each partition's depths, with [redis] partitions > 1).",
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument(
@@ -110,7 +111,8 @@ def duration(text: str) -> float:
 async def snapshot(queue: RedisQueue) -> dict[str, Any]:
     """The ``status --json`` object."""
     manager = TaskManager(queue)
-    stats = await manager.queue_stats()
+    per_partition = await manager.partition_stats()
+    stats = total_stats(per_partition)
     paused = await manager.paused_keys()
     domains = await manager.domains()
     workers = await WorkerMonitor(queue).get_active_workers()
@@ -119,7 +121,7 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
     for worker in workers:
         worker.setdefault("pid", None)
         worker.setdefault("host", None)
-    return {
+    state: dict[str, Any] = {
         "queue": stats,
         "workers": workers,
         "backpressure": backpressure_view(fields, stats["pending"]),
@@ -128,6 +130,14 @@ async def snapshot(queue: RedisQueue) -> dict[str, Any]:
         "latency": recent["latency"],
         "throughput": recent["throughput"],
     }
+    if len(per_partition) > 1:
+        state["partitions"] = [depths(counts) for counts in per_partition]
+    return state
+
+
+def depths(counts: dict[str, int]) -> dict[str, int]:
+    """A partition's current depths (``status --json``'s ``partitions``: how even the spread is)."""
+    return {name: counts[name] for name in ("pending", "running", "retrying", "dead_letter")}
 
 
 #: Domains the text view lists (``--json`` has them all).
@@ -147,6 +157,11 @@ def print_snapshot(state: dict[str, Any]) -> None:
     print_table(list(queue), [list(queue.values())])
     rate = f", rate {backpressure['rate']}/s" if "rate" in backpressure else ""
     print(f"\nbackpressure: {backpressure['state']} (depth {backpressure['depth']}{rate})")
+    if "partitions" in state:
+        spread = " · ".join(
+            f"{index}: {p['pending']}/{p['running']}" for index, p in enumerate(state["partitions"])
+        )
+        print(f"partitions (pending/running): {spread}")
     flow = state["throughput"]
     print(
         f"throughput/s: started {flow['started_per_s']:g}, completed {flow['completed_per_s']:g}, "

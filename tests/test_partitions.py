@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -373,3 +374,29 @@ async def test_lost_data_in_any_partition_is_caught_by_its_epoch_key(
     assert not await guard.check()
     assert any(lost in record.getMessage() for record in caplog.records)
     assert await guard.check()  # recreated: the next check is quiet
+
+
+async def test_status_shows_each_partitions_depths_beside_the_whole_queue(
+    partitioned: Settings, pqueue: RedisQueue, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for partition, count in ((0, 1), (1, 3), (2, 5)):
+        await pqueue.enqueue_many([fetch(host) for host in sites_in(partition, count)])
+    config = write_config(tmp_path / "three.toml", partitioned)
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(run, ["--config", str(config), "status", "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert [p["pending"] for p in state["partitions"]] == [1, 3, 5]
+    assert state["queue"]["pending"] == 9
+    assert await asyncio.to_thread(run, ["--config", str(config), "status"]) == 0
+    assert "partitions (pending/running): 0: 1/0 · 1: 3/0 · 2: 5/0" in capsys.readouterr().out
+
+
+async def test_one_partition_status_has_no_partitions_entry(
+    settings: Settings, queue: RedisQueue, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "one.toml", settings)
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(run, ["--config", str(config), "status", "--json"]) == 0
+    assert "partitions" not in json.loads(capsys.readouterr().out)
