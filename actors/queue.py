@@ -180,7 +180,7 @@ class RedisQueue:
         (``keep_history``) in every partition: each partition's scripts read their own."""
         for store in self.stores:
             await store.set_limits(settings, share=len(self.stores))
-            await store.keep_history(settings.events)
+            await store.keep_history(settings.events, share=len(self.stores))
 
     async def ping(self) -> None:
         """One round trip to Redis; raises QueueConnectionException if it is away."""

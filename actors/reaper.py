@@ -95,7 +95,7 @@ class Reaper(Actor):
         await store.promote_due()
         await self._sweep(store)
         await self._prune_domains(store)
-        await store.keep_history(self.settings.events)
+        await store.keep_history(self.settings.events, share=len(self.queue.stores))
         if not cleaning:
             return
         removed, forgotten = await store.cleanup()

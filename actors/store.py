@@ -578,10 +578,15 @@ class TaskStore:
             args += [name, value]
         return int(await self._call("set_limits", args))
 
-    async def keep_history(self, events: EventsSettings) -> int:
-        """Create or trim the event history as ``[events]`` says (delete it at 0); its length."""
+    async def keep_history(self, events: EventsSettings, share: int = 1) -> int:
+        """Create or trim the event history as ``[events]`` says (delete it at 0); its length.
+
+        ``share``: of how many partitions this is one; each keeps its share of
+        ``history`` events (at least one), so the queue keeps about ``history``.
+        """
         age_ms = int(events.history_max_age * 1000)
-        return int(await self._call("history", [events.history, age_ms]))
+        kept = -(-events.history // share)  # rounded up: 0 stays 0 (off)
+        return int(await self._call("history", [kept, age_ms]))
 
     async def record_metrics(self, totals: Mapping[str, int], minute: Mapping[str, int]) -> int:
         """Add counts to the metrics hash and to this minute's (``TelemetryBatch``)."""

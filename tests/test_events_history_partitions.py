@@ -25,7 +25,7 @@ from actors.models import ScrapingRequest
 from actors.partitions import place
 from actors.queue import RedisQueue
 from actors.store import Completion
-from config.settings import Settings
+from config.settings import EventsSettings, Settings
 from supervisor import dashboard_data
 from supervisor.dashboard_data import EventQuery
 
@@ -277,3 +277,14 @@ async def test_events_since_replays_every_partition_in_time_order(
     ]
 
     assert printed == expected
+
+
+async def test_each_partition_keeps_its_share_of_the_history_bound(pqueue: RedisQueue) -> None:
+    for store in pqueue.stores:
+        await store.keep_history(EventsSettings(history=10), share=PARTITIONS)
+    await busy_partitions(pqueue)
+    for store in pqueue.stores:  # the reaper's pass
+        await store.keep_history(EventsSettings(history=10), share=PARTITIONS)
+
+    counts = [int(await admin(pqueue).get(keys.history_count) or 0) for keys in pqueue.partitions]
+    assert all(count <= 4 for count in counts), counts  # 10 / 3, rounded up
