@@ -126,6 +126,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(handler(args, settings))
     except KeyboardInterrupt:
         return CliExit.OK if args.command in _FOLLOWING else 130
+    except BrokenPipeError:
+        # The reader went away (`supervisor status | head`): not an error of the
+        # command. Later writes (at exit, Python flushes stdout) go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CliExit.OK
     except (ConfigError, QueueError) as exc:
         return report(exc, settings, args.command)
     except Exception as exc:  # any other error: one line, not a traceback

@@ -7,6 +7,7 @@ import asyncio
 import importlib.metadata
 import json
 import logging
+import os
 import subprocess
 import sys
 import tomllib
@@ -563,3 +564,24 @@ def test_an_unexpected_error_in_start_exits_70_and_logs_its_traceback(
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err  # start's log is the operators' record
     assert err.splitlines()[-1] == "error: unexpected RuntimeError: boom"
+
+
+def test_a_reader_that_goes_away_early_is_no_error(settings: Settings, tmp_path: Path) -> None:
+    """``supervisor status | head -1``: the pipe closes before the output is written."""
+    config = write_config(tmp_path / "pipe.toml", settings.redis.url, settings.redis.key_prefix)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("supervisor")), "--config", str(config), "status"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    assert done.returncode == 0, done.stderr
+    assert "error" not in done.stderr.lower()
