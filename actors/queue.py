@@ -134,7 +134,7 @@ class RedisQueue:
         configured = len(self.partitions)
         with translated_errors():
             raw = await connection.execute("HGET", self.keys.layout, "partitions")
-        stored = int(raw) if raw is not None and raw.isdigit() else 1
+        stored = int(raw) if raw is not None and raw.isdigit() and int(raw) >= 1 else 1
         if stored == configured:
             return
         if not self._adopt_layout:
@@ -145,15 +145,13 @@ class RedisQueue:
             for keys in partition_keys(self.settings.redis.key_prefix, self.queue_name, stored)
             if keys.base not in kept
         ]
+        commands: list[tuple[str, ...]] = []
+        for keys in dropped:
+            commands += [("ZCARD", key) for key in (keys.pending, keys.running, keys.delayed)]
+            commands += [("ZCARD", keys.dead), ("HGET", keys.stats, "gated")]  # gated: in a gate
         with translated_errors():
-            depths = await connection.execute_many(
-                *(
-                    ("ZCARD", key)
-                    for keys in dropped
-                    for key in (keys.pending, keys.running, keys.delayed, keys.dead)
-                )
-            )
-            stranded = sum(depths)
+            replies = await connection.execute_many(*commands)
+            stranded = sum(r if isinstance(r, int) else count_of(r) for r in replies)
             if stranded:
                 raise PartitionLayoutMismatch(configured, stored, stranded)
             if configured == 1:

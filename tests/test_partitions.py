@@ -32,6 +32,7 @@ from actors.models import ScrapingRequest, ScrapingResponse, TaskStatus
 from actors.partitions import partition_keys, partition_tags, place
 from actors.queue import RedisQueue, TaskManager
 from actors.reaper import Reaper
+from actors.store import Completion
 from actors.worker import Worker
 from config.settings import MAX_PARTITIONS, ConfigError, Settings
 from supervisor.cli import run
@@ -400,3 +401,19 @@ async def test_one_partition_status_has_no_partitions_entry(
 
     assert await asyncio.to_thread(run, ["--config", str(config), "status", "--json"]) == 0
     assert "partitions" not in json.loads(capsys.readouterr().out)
+
+
+async def test_a_task_waiting_in_a_rate_gate_keeps_its_partition_from_being_dropped(
+    settings: Settings, partitioned: Settings, pqueue: RedisQueue
+) -> None:
+    host = site_in(2)
+    await pqueue.publish_settings(configured(partitioned, rate_limits={f"domain:{host}": 0.01}))
+    await pqueue.enqueue_many([fetch(host), fetch(host)])
+    (lease,) = (await pqueue.stores[2].claim("w1", 2)).leases  # the other one waits in the gate
+    await pqueue.stores[2].complete("w1", [Completion(lease.request_id, lease.attempt, "{}", 0.1)])
+    assert (await TaskManager(pqueue).partition_stats())[2]["gated"] == 1
+
+    with pytest.raises(PartitionLayoutMismatch) as refused:
+        async with RedisQueue(settings, adopt_layout=True):
+            pass
+    assert refused.value.stranded == 1
