@@ -43,6 +43,7 @@ class KeySpace:
         "listeners",
         "metrics",
         "metrics_lock",
+        "paced",
         "paused",
         "pending",
         "politeness",
@@ -88,6 +89,10 @@ class KeySpace:
         self.breaker_settings = base + "rl:breaker"  # hash: failures, cooldown_ms
         # Politeness: per-domain in-flight slots, windows, learned rates (lua/_lib.lua).
         self.domains = base + "rl:domains"  # zset: domain key -> last seen (ms); see domain()
+        # Set: the domain keys whose hash holds a learned rate (the scripts build
+        # the same name from `domains`; a domain key starts "domain:", so no
+        # domain's hash has this name).
+        self.paced = self.domains + ":paced"
         self.politeness = base + "rl:polite"  # hash: cap, cap:<rate key>, adaptive, ...
         self.reaper_lock = base + "lock:reaper"
         self.governor_lock = base + "lock:governor"
@@ -116,7 +121,7 @@ class KeySpace:
         return self.task_prefix + request_id
 
     def domain(self, rate_key: str) -> str:
-        """The hash of one domain's politeness state (n, w, a, r, s, d, x; lua/_lib.lua).
+        """The hash of one domain's politeness state (n, w, r, s, d, x; lua/_lib.lua).
 
         The scripts build the same name: ``domains`` + ``":"`` + the rate key.
         """

@@ -640,7 +640,8 @@ class TaskManager:
             found.append(
                 {
                     "domain": key.removeprefix("domain:"),
-                    "in_flight": int(_number(state.get("n")) or 0),
+                    # n: 1 + the tasks running, once the domain is known (lua/_lib.lua).
+                    "in_flight": max(0, int(_number(state.get("n")) or 0) - 1),
                     "limit": limit,
                     "rate": rate,
                     "learned": learned,

@@ -328,15 +328,19 @@ async def test_a_huge_error_is_stored_cut_with_a_marker_everywhere_it_goes(
     assert response.error == stored["error"]
 
 
-@pytest.mark.parametrize("field", ["n", "w", "r", "s", "x", "a"])
+@pytest.mark.parametrize("field", ["n", "w", "r", "s", "x", "paced set"])
 async def test_claim_and_reports_with_damaged_politeness_state_lose_no_task(
     settings: Settings, queue: RedisQueue, field: str
 ) -> None:
-    """A per-domain politeness field damaged from outside never aborts a script half-way."""
+    """A per-domain politeness field, or the set of domains with a learned rate,
+    damaged from outside never aborts a script half-way; the 429 is still learned."""
     await queue.store.set_limits(settings)
     for _ in range(3):
         await queue.enqueue_task(request(parameters={"url": "https://a.test/"}))
-    await admin(queue).hset(queue.keys.domain("domain:a.test"), field, "not a number")
+    if field == "paced set":
+        await admin(queue).set(queue.keys.paced, "not a set")
+    else:
+        await admin(queue).hset(queue.keys.domain("domain:a.test"), field, "not a number")
 
     claimed = (await queue.store.claim("w1", 3)).leases
     await queue.store.release(
@@ -349,6 +353,7 @@ async def test_claim_and_reports_with_damaged_politeness_state_lose_no_task(
 
     assert claimed
     assert await orphans(queue) == []
+    assert await admin(queue).hget(queue.keys.domain("domain:a.test"), "r") is not None
     assert await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)
 
 
@@ -376,3 +381,4 @@ async def test_a_damaged_politeness_index_aborts_no_script_and_no_status(
     assert await orphans(queue) == []
     assert await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)
     assert await manager.domains() == []
+

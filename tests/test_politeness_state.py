@@ -38,14 +38,27 @@ async def state(queue: RedisQueue, field: str) -> float | None:
     return None if raw is None else float(raw)
 
 
+async def in_flight(queue: RedisQueue) -> float | None:
+    """a.test's tasks running, as the scripts count them (``n`` is 1 + that)."""
+    n = await state(queue, "n")
+    return None if n is None else n - 1
+
+
 async def seed(queue: RedisQueue, key: str, seen_ms: int, **fields: float) -> None:
-    """A domain's politeness state as the scripts leave it: its hash and its index entry."""
-    await admin(queue).hset(queue.keys.domain(key), mapping={"a": seen_ms, **fields})
+    """A domain's politeness state as the scripts leave it: its hash and its index entry
+    (and, with a learned rate ``r``, its place in the paced set)."""
+    await admin(queue).hset(queue.keys.domain(key), mapping={"n": 1, **fields})
     await admin(queue).zadd(queue.keys.domains, {key: seen_ms})
+    if "r" in fields:
+        await admin(queue).sadd(queue.keys.paced, key)
 
 
 async def claim(queue: RedisQueue, n: int = 100, worker: str = "w1") -> list[Lease]:
     return (await queue.store.claim(worker, n)).leases
+
+
+async def done(queue: RedisQueue, worker: str, lease: Lease) -> None:
+    await queue.store.complete(worker, [Completion(lease.request_id, lease.attempt, "1", 0.1)])
 
 
 async def test_cap_holds_across_workers_and_other_domains_are_not_held_back(
@@ -53,19 +66,22 @@ async def test_cap_holds_across_workers_and_other_domains_are_not_held_back(
 ) -> None:
     await polite(queue, settings, max_in_flight_per_domain=4, initial_window=2, adaptive=False)
     await queue.enqueue_many(on("a.test", 10))
-    # Slow start first: the initial window, then one more per success.
-    first = await claim(queue)
-    assert len(first) == 2
-    await queue.store.complete("w1", [Completion(first[0].request_id, first[0].attempt, "1", 0.1)])
+    # Slow start first: the initial window, then one more per success of a
+    # task that started beside another of its domain (a window in use).
+    alone, beside = await claim(queue)
+    await done(queue, "w1", alone)  # it started alone: the window stays 2
+    (second,) = await claim(queue, worker="w2")  # window 2, one still running
+    await done(queue, "w1", beside)
     assert len(await claim(queue, worker="w2")) == 2  # window 3, one still running
-    await queue.store.complete("w1", [Completion(first[1].request_id, first[1].attempt, "1", 0.1)])
+    await done(queue, "w2", second)
     assert len(await claim(queue, worker="w2")) == 2  # window 4, two still running
     assert await claim(queue, worker="w2") == []  # four running: the cap
     free = await queue.enqueue_many(on("b.test", 3))
     later = await claim(queue, worker="w3")
 
     assert {lease.request_id for lease in later} == set(free[:2])  # b.test's own slow start
-    assert await state(queue, "n") == 4
+    assert await in_flight(queue) == 4
+    assert await admin(queue).zscore(queue.keys.domains, KEY)  # indexed at its first start
 
 
 async def test_a_domains_own_cap_overrides_the_default(
@@ -114,10 +130,10 @@ async def test_every_path_out_of_running_gives_the_slot_back_once(
     else:
         await queue.cancel_task(lease.request_id)
 
-    assert await state(queue, "n") == 0  # no task of a.test holds a slot
+    assert await in_flight(queue) == 0  # no task of a.test holds a slot
     (second,) = await claim(queue, worker="w2")
     assert second.request_id in ids
-    assert await state(queue, "n") == 1
+    assert await in_flight(queue) == 1
 
 
 async def test_429_halves_the_learned_rate_once_per_burst_and_clamps_retry_after(
@@ -212,7 +228,7 @@ async def test_a_drifted_in_flight_count_is_recounted_from_the_running_tasks(
     assert await claim(queue, worker="w2") == []  # held back by the drifted count
 
     assert await queue.store.recount_slots() == 1
-    assert await state(queue, "n") == 1  # the one task still running
+    assert await in_flight(queue) == 1  # the one task still running
     assert len(await claim(queue, worker="w2")) == 1  # the window (2) has room again
     assert await queue.store.recount_slots() == 0
 
@@ -222,7 +238,7 @@ async def test_a_domain_held_back_at_its_gate_is_recounted_even_when_not_indexed
 ) -> None:
     await polite(queue, settings, max_in_flight_per_domain=2, adaptive=False)
     await queue.enqueue_many(on("a.test", 2))
-    await admin(queue).hset(queue.keys.domain(KEY), mapping={"n": 2, "w": 2})
+    await admin(queue).hset(queue.keys.domain(KEY), mapping={"n": 3, "w": 2})  # 2 running
     await admin(queue).delete(queue.keys.domains)  # the index lost (or never had) it
     assert await claim(queue) == []  # both wait at the gate
 

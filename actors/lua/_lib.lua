@@ -279,9 +279,10 @@ end
 
 -- Politeness (docs/rate-limits.md). The scripts that start or end tasks name
 -- three more keys and hand them to use_domains() first:
---   domains  zset: domain rate key K -> when a task of K last started or K was
---            throttled (ms, kept to the second): the index the reaper walks to
---            decay and forget idle domains (prune_domains.lua)
+--   domains  zset: domain rate key K -> when K was last seen (ms): its first
+--            start, its last 429/503, each start while it has a learned
+--            rate, and, while tasks of K run, the reaper's walk; the index
+--            the reaper walks to decay and forget idle domains (prune_domains.lua)
 --   policy   hash: active (1: a cap or adaptive applies, so claim looks at
 --            every task that names a domain), cap (tasks of one domain
 --            running at once, 0 = none), capped (1: some domain has its own),
@@ -289,30 +290,36 @@ end
 --            (1/0), start_rate, min_rate, max_retry_after_ms
 --   gates    the gates zset: a slot given back makes K's gate due at once
 -- Each domain has a small hash of its own, domains .. ':' .. K (KeySpace.domain):
---     n  tasks of K running now, on every host (the in-flight cap counts these)
+--     n  1 + the tasks of K running now, on every host (the in-flight cap
+--        counts these; absent until K's first start, see take_slot)
 --     w  K's concurrency window, for a domain with no configured limit: the
 --        policy's `window` for one not seen before (slow start), +1 per
---        success up to the cap, halved when K answers 429/503
---     a  when K was last seen (ms; the index's score)
+--        success of a task that started beside another of K, up to the cap,
+--        halved when K answers 429/503
 --     r  the rate learned for K (tasks/s) once it answered 429/503
 --     s  successes since r last changed
 --     d  when r last decayed (ms)
 --     x  the last 429/503 answers of K (ms, space separated, at most 16)
--- One small hash per domain, not one hash of every domain's fields: a hash
--- of hundreds of fields that stays a listpack (hash-max-listpack-entries 512)
--- made each write rewrite kilobytes (measured: 3x Redis time per task).
+-- and the set domains .. ':paced' (KeySpace.paced) names the domains that
+-- have an r. One small hash per domain, not one hash of every domain's
+-- fields: a hash of hundreds of fields that stays a listpack
+-- (hash-max-listpack-entries 512) made each write rewrite kilobytes
+-- (measured: 3x Redis time per task).
 -- A started task names the domain K whose slot it took in its record's `slot`
--- field ('+K' while K's window or learned rate still grows, '' = none); free_slot() gives it back, once, on every path out of
--- `running`.
-local DOMAINS, POLICY, GATES_OF = nil, nil, nil
+-- field ('+K' while its success widens K's window or raises its learned rate,
+-- '' = none); free_slot() gives it back, once, on every path out of `running`.
+local DOMAINS, POLICY, GATES_OF, PACED = nil, nil, nil, nil
 -- The policy fields, read once per script call and only by a call that needs
 -- them (a completion of tasks that hold no slot reads none).
 local POLICY_FIELDS = {
   'active', 'cap', 'capped', 'window', 'adaptive', 'min_rate', 'start_rate',
   'max_retry_after_ms'}
 local policy_values = nil
+-- What a start asks of every task, from policy_values: the default cap (a
+-- number), whether some domain has a cap of its own, whether adaptive is on.
+local POLICY_CAP, POLICY_CAPPED, ADAPTIVE = 0, false, false
 local function use_domains(domains, policy_key, gates)
-  DOMAINS, POLICY, GATES_OF = domains, policy_key, gates
+  DOMAINS, POLICY, GATES_OF, PACED = domains, policy_key, gates, domains .. ':paced'
 end
 
 -- A policy field as stored (nil when absent).
@@ -323,6 +330,9 @@ local function policy(field)
     for i, name in ipairs(POLICY_FIELDS) do
       policy_values[name] = values[i]
     end
+    POLICY_CAP = num(policy_values.cap, 0)
+    POLICY_CAPPED = policy_values.capped == '1'
+    ADAPTIVE = policy_values.adaptive == '1'
   end
   return policy_values[field]
 end
@@ -332,16 +342,22 @@ local function domain_hash(key)
   return DOMAINS .. ':' .. key
 end
 
--- A domain's last-seen time is written at most this often (the index is for
--- idle periods of a minute and more).
-local SEEN_EVERY_MS = 1000
+-- The domains a claim saw (see try_start), K -> true: stamp_domains() writes
+-- them to the index once, at the end of the call (one ZADD, not one per task).
+local started_domains, started_any = {}, false
 
--- Record that domain key K was seen now; `seen` is its stored `a`.
-local function touch(key, seen, now)
-  if now - num(seen, 0) >= SEEN_EVERY_MS then
-    redis.call('HSET', domain_hash(key), 'a', now)
-    redis.pcall('ZADD', DOMAINS, now, key)  -- the index only times pruning: never abort
+-- Record in the index that the domains this claim saw were seen now.
+local function stamp_domains(now)
+  if not started_any then
+    return
   end
+  local args, at = {}, tostring(now)
+  for key in pairs(started_domains) do
+    args[#args + 1] = at
+    args[#args + 1] = key
+  end
+  redis.pcall('ZADD', DOMAINS, unpack(args))  -- the index only times pruning: never abort
+  started_domains, started_any = {}, false
 end
 
 local function is_domain(key)
@@ -399,8 +415,14 @@ end
 -- How many tasks of domain key K may run at once (0: no cap). `capped` says
 -- some domain has a cap of its own (set_limits writes it).
 local function cap_of(key)
-  local own = policy('capped') == '1' and redis.call('HGET', POLICY, 'cap:' .. key)
-  return num(own or policy('cap'), 0)
+  policy('cap')  -- reads the policy, once per call
+  if POLICY_CAPPED then
+    local own = redis.call('HGET', POLICY, 'cap:' .. key)
+    if own then
+      return num(own, 0)
+    end
+  end
+  return POLICY_CAP
 end
 
 -- A domain at its in-flight cap is looked at again this often, and at once
@@ -417,27 +439,63 @@ local function gate_for(limits, paused, keys)
   return nil
 end
 
+-- Whether domain key K has a learned rate that applies (adaptive on, K in
+-- the paced set): only then does a start read K's `r`.
+local function is_paced(key)
+  policy('adaptive')  -- reads the policy, once per call
+  -- pcall: a set damaged from outside (another type) reads as empty.
+  return ADAPTIVE and exists_now(PACED) and redis.pcall('SISMEMBER', PACED, key) == 1
+end
+
+-- Take a slot of the domain whose hash is `hash`. Returns its tasks running
+-- now, this one included, and whether this is the domain's first start (its
+-- hash had no count: `n` is 1 + the tasks running once a domain is known,
+-- so the one HINCRBY also says that). A count damaged from outside starts again.
+local function take_slot(hash)
+  local n = redis.pcall('HINCRBY', hash, 'n', '1')
+  if type(n) ~= 'number' or n == 1 then
+    redis.call('HSET', hash, 'n', '2')
+    return 1, n == 1
+  end
+  return n - 1, false
+end
+
 -- Try to start a task with these rate keys now. Returns 0 and takes a start
 -- from every limited key (and a slot of its domain, returned third, when the
 -- domain is capped), or returns the time (ms) it may start and the key that
 -- holds it back, taking nothing. `breaker_settings` is the hash with the
 -- circuit breaker's `failures` threshold and `cooldown_ms`.
+--
+-- A domain's hash is read only when something in it can hold the task back:
+-- its learned rate, when it has one (is_paced), and its window, when the task
+-- would not be the domain's only one running (a window is never below 1).
+-- Its in-flight count is taken last, when every other check passed, by the
+-- HINCRBY that returns it; a task over the window or cap gives it back. So
+-- a task of a domain with nothing learned costs one command here.
 local function try_start(limits, state, paused, breaker, breaker_settings, keys, now)
-  local wait, blocker, slot = 0, nil, nil
-  local plans, seen = {}, {}
-  for _, key in ipairs(keys) do
-    local until_ms = exists_now(paused) and num(redis.call('HGET', paused, key), 0) or 0
+  local wait, blocker = 0, nil
+  local plans = nil  -- key, its new GCRA state, key, ...
+  local domain, hash, configured_here, window, learned = nil, nil, nil, nil, nil
+  local check_paused = exists_now(paused)
+  for i = 1, #keys do
+    local key = keys[i]
+    local until_ms = check_paused and num(redis.call('HGET', paused, key), 0) or 0
     if until_ms > now then
       if until_ms > wait then wait, blocker = until_ms, key end
     else
       if until_ms > 0 then redis.call('HDEL', paused, key) end
-      -- A domain's state in one read: in flight, window, learned rate, seen.
-      local d = {}
+      local known = nil  -- this key's learned rate, as stored
       if DOMAINS and is_domain(key) then
-        d = redis.call('HMGET', domain_hash(key), 'n', 'w', 'r', 'a')
-        seen[#seen + 1] = {key, d[4]}
+        domain, hash = key, domain_hash(key)
+        if is_paced(key) then
+          local d = redis.call('HMGET', hash, 'w', 'r')
+          window, known = window_of(d[1]), d[2]
+        end
       end
-      local rate, configured = rate_of(limits, key, d[3])
+      local rate, configured = rate_of(limits, key, known)
+      if domain == key then
+        configured_here, learned = configured, known and tonumber(known)
+      end
       if rate then
         local interval = 1000 / rate
         local tolerance = interval * (math.max(1, math.ceil(rate)) - 1)
@@ -445,23 +503,9 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
         if tat - now > tolerance then
           if tat - tolerance > wait then wait, blocker = tat - tolerance, key end
         else
-          plans[#plans + 1] = {key, tat + interval}
-        end
-      end
-      if DOMAINS and is_domain(key) then
-        local cap = cap_of(key)
-        if cap > 0 then
-          -- A site with a configured limit is known: no slow start there.
-          local room = configured and cap or math.min(cap, window_of(d[2]))
-          if num(d[1], 0) >= room then
-            if now + CAP_RECHECK_MS > wait then wait, blocker = now + CAP_RECHECK_MS, key end
-          else
-            -- '+': its success still widens the window or raises a learned
-            -- rate; once neither applies, a completion reads nothing more.
-            local grows = (not configured and window_of(d[2]) < cap)
-              or (tonumber(d[3]) and policy('adaptive') == '1')
-            slot = grows and ('+' .. key) or key
-          end
+          plans = plans or {}
+          plans[#plans + 1] = key
+          plans[#plans + 1] = tat + interval
         end
       end
     end
@@ -469,14 +513,37 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
   if wait > 0 then
     return wait, blocker, nil
   end
-  for _, plan in ipairs(plans) do
-    redis.call('HSET', state, plan[1], plan[2])
+  local slot, first = nil, false
+  local cap = domain and cap_of(domain) or 0
+  if cap > 0 then
+    local running
+    running, first = take_slot(hash)
+    -- A site with a configured limit is known: no slow start there.
+    local narrow = not configured_here and running > 1
+    if narrow and not window then
+      window = window_of(redis.call('HGET', hash, 'w'))
+    end
+    local room = narrow and math.min(cap, window) or cap
+    if running > room then
+      redis.pcall('HINCRBY', hash, 'n', '-1')
+      return now + CAP_RECHECK_MS, domain, nil
+    end
+    -- '+': its success widens a window in use (this task started beside
+    -- another, as TCP grows only a window it fills) or raises a learned rate;
+    -- otherwise a completion reads nothing more.
+    local grows = (narrow and window < cap) or (learned and ADAPTIVE)
+    slot = grows and ('+' .. domain) or domain
   end
-  if slot then
-    count_up(domain_hash(string.match(slot, '^%+?(.*)$')), 'n', 1)
+  if plans then
+    for i = 1, #plans, 2 do
+      redis.call('HSET', state, plans[i], plans[i + 1])
+    end
   end
-  for _, domain in ipairs(seen) do
-    touch(domain[1], domain[2], now)
+  -- The index learns of a domain at its first start; a paced domain's starts
+  -- keep its idle time (decay) exact. A plain domain's entry is refreshed by
+  -- the reaper while tasks of it run (prune_domains.lua): one command per start.
+  if first or learned then
+    started_domains[domain], started_any = true, true
   end
   -- A key whose breaker is open lets this one task through as its probe and
   -- stays paused until the probe reports (success resumes it, failure re-opens).
@@ -505,7 +572,7 @@ local function learn_success(limits, key, learned, now)
     return
   end
   local hash = domain_hash(key)
-  local run = num(redis.pcall('HINCRBY', hash, 's', 1), 1)
+  local run = num(redis.pcall('HINCRBY', hash, 's', '1'), 1)
   if run < math.max(1, math.ceil(learned)) then
     return
   end
@@ -513,6 +580,7 @@ local function learn_success(limits, key, learned, now)
   local rate = learned + math.max(learned / 10, policy_num('min_rate', 0.05))
   if rate >= ceiling then
     redis.call('HDEL', hash, 'r', 's', 'd')
+    redis.pcall('SREM', PACED, key)  -- the set only saves reads: never abort
     emit('rate.adjusted', now, {key = key, rate = configured_rate(limits, key), reason = 'restored'})
   else
     redis.call('HSET', hash, 'r', rate, 's', 0)
@@ -532,13 +600,14 @@ local function free_slot(slot, now, success, limits)
   if not DOMAINS or not slot or slot == '' then
     return
   end
-  local grows, key = string.match(slot, '^(%+?)(.*)$')
+  local grows = string.byte(slot) == 43  -- '+'
+  local key = grows and string.sub(slot, 2) or slot
   local hash = domain_hash(key)
-  local left = redis.pcall('HINCRBY', hash, 'n', -1)
-  if type(left) ~= 'number' or left < 0 then
-    redis.call('HSET', hash, 'n', 0)  -- damaged from outside: start again
+  local left = redis.pcall('HINCRBY', hash, 'n', '-1')
+  if type(left) ~= 'number' or left < 1 then
+    redis.call('HSET', hash, 'n', '1')  -- damaged from outside: start again
   end
-  if success and grows == '+' then
+  if success and grows then
     local d = redis.call('HMGET', hash, 'w', 'r')
     local window = window_of(d[1])
     if window < cap_of(key) then
@@ -573,7 +642,7 @@ local function learn_throttle(limits, state, key, now, until_ms, reason)
   while #recent > 16 do
     table.remove(recent, 1)
   end
-  redis.call('HSET', hash, 'x', table.concat(recent, ' '), 'a', now)
+  redis.call('HSET', hash, 'x', table.concat(recent, ' '))
   redis.pcall('ZADD', DOMAINS, now, key)  -- the index only times pruning: never abort
   -- Answers to requests sent together (up to the window) arrive together:
   -- like TCP's one decrease per round trip, they count as one signal.
@@ -593,6 +662,8 @@ local function learn_throttle(limits, state, key, now, until_ms, reason)
   local rate = current and math.max(floor, current / 2) or math.max(floor, policy_num('start_rate', 1))
   redis.call('HSET', hash, 'r', rate, 's', 0)
   redis.call('HDEL', hash, 'd')
+  redis.pcall('SADD', PACED, key)  -- never abort (a set damaged from outside)
+  exists[PACED] = true
   local interval = 1000 / rate
   redis.call('HSET', state, key, until_ms + interval * (math.max(1, math.ceil(rate)) - 1))
   emit('rate.adjusted', now, {key = key, rate = rate, reason = reason})

@@ -175,6 +175,7 @@ end
 if claimed > 0 then
   count_up(KEYS[4], 'started', claimed)
 end
+stamp_domains(now)
 if claimed < count then
   local next_due = -1
   for _, zset in ipairs({KEYS[3], GATES}) do

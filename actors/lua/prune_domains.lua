@@ -27,6 +27,7 @@ local now = now_ms()
 local function hash_of(key)
   return INDEX .. ':' .. key
 end
+local PACED = INDEX .. ':paced'  -- the domains with a learned rate (_lib.lua)
 
 -- An index damaged from outside (not a zset) reads as empty: the rest of the
 -- step, and the reaper's pass around it, go on.
@@ -38,11 +39,12 @@ end
 -- 1. Forget domains idle for forget_ms (none of their tasks running).
 local forgotten = 0
 for _, key in ipairs(idle_since(now - forget_ms, 0)) do
-  if num(redis.call('HGET', hash_of(key), 'n'), 0) > 0 then
+  if num(redis.call('HGET', hash_of(key), 'n'), 0) > 1 then  -- n: 1 + running (_lib.lua)
     redis.pcall('ZADD', INDEX, now, key)  -- running now: not idle
   else
     redis.call('DEL', hash_of(key))
     redis.call('ZREM', INDEX, key)
+    redis.pcall('SREM', PACED, key)
     redis.call('HDEL', STATE, key)
     redis.call('HDEL', BREAKER, key)
     forgotten = forgotten + 1
@@ -56,12 +58,13 @@ for _, key in ipairs(idle) do
   local hash = hash_of(key)
   local d = redis.call('HMGET', hash, 'r', 'd', 'n')
   local learned = tonumber(d[1])
-  if learned and num(d[3], 0) == 0 and now - num(d[2], 0) > decay_ms then
+  if learned and num(d[3], 0) <= 1 and now - num(d[2], 0) > decay_ms then
     local ceiling = tonumber(redis.call('HGET', LIMITS, key))
       or tonumber(redis.call('HGET', LIMITS, 'default_domain'))
     local rate = learned * 2
     if rate >= (ceiling or 1000) then
       redis.call('HDEL', hash, 'r', 's', 'd')
+      redis.pcall('SREM', PACED, key)
       emit('rate.adjusted', now, {key = key, rate = ceiling, reason = 'restored'})
     else
       redis.call('HSET', hash, 'r', rate, 'd', now)

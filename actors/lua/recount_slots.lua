@@ -11,6 +11,9 @@
 -- KEYS[4] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV: only the shared context (ARGV[1..4]; the task key prefix finds each slot)
 --
+-- A domain's `n` is 1 + its tasks running (_lib.lua, take_slot). A domain with
+-- tasks running is put in the index if it is not there (its first start's
+-- entry is written with pcall, so it could be missing).
 -- Returns the number of domains whose count was wrong.
 
 local counts = {}
@@ -20,6 +23,10 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     local key = string.match(slot, '^%+?(.*)$')
     counts[key] = (counts[key] or 0) + 1
   end
+end
+local now = now_ms()
+for key in pairs(counts) do
+  redis.pcall('ZADD', KEYS[2], 'NX', now, key)  -- the index only times pruning: never abort
 end
 local known = redis.pcall('ZRANGE', KEYS[2], 0, -1)
 if known.err then
@@ -35,10 +42,10 @@ for _, key in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
     counts[key] = counts[key] or 0
   end
 end
-local now = now_ms()
 local fixed, freed = 0, 0
-for key, count in pairs(counts) do
+for key, running in pairs(counts) do
   local hash = KEYS[2] .. ':' .. key
+  local count = running + 1
   local stored = num(redis.call('HGET', hash, 'n'), -1)
   if stored ~= count then
     redis.call('HSET', hash, 'n', count)
