@@ -640,8 +640,7 @@ class TaskManager:
             found.append(
                 {
                     "domain": key.removeprefix("domain:"),
-                    # n: 1 + the tasks running, once the domain is known (lua/_lib.lua).
-                    "in_flight": max(0, int(_number(state.get("n")) or 0) - 1),
+                    "in_flight": _running(state.get("n")),
                     "limit": limit,
                     "rate": rate,
                     "learned": learned,
@@ -725,6 +724,17 @@ STAT_NAMES = (
 def total_stats(per_partition: Sequence[dict[str, int]]) -> dict[str, int]:
     """The queue's ``queue_stats`` from its partitions' (``partition_stats``)."""
     return {name: sum(counts[name] for counts in per_partition) for name in STAT_NAMES}
+
+
+#: The mark a domain's ``n`` carries once its slow-start window reached the cap (lua/_lib.lua).
+SETTLED = 1_000_000_000
+
+
+def _running(n: str | None) -> int:
+    """The tasks of a domain running now, from its stored ``n`` (lua/_lib.lua, ``running_of``):
+    1 + the count once the domain is known, + ``SETTLED`` once its window reached the cap."""
+    stored = int(_number(n) or 1)
+    return max(0, (stored - SETTLED if stored > SETTLED else stored) - 1)
 
 
 #: The fields of a domain's politeness hash that ``TaskManager.domains`` shows.

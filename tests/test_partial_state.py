@@ -381,4 +381,3 @@ async def test_a_damaged_politeness_index_aborts_no_script_and_no_status(
     assert await orphans(queue) == []
     assert await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)
     assert await manager.domains() == []
-

@@ -7,6 +7,7 @@ forgetting, and what ``status`` and ``/metrics`` show of it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from helpers import admin, wait_for
 from test_store_scripts import derive
 
 from actors.models import ScrapingRequest
-from actors.queue import RedisQueue, TaskManager
+from actors.queue import SETTLED, RedisQueue, TaskManager
 from actors.store import Completion, Lease
 from config.settings import Settings
 
@@ -39,9 +40,10 @@ async def state(queue: RedisQueue, field: str) -> float | None:
 
 
 async def in_flight(queue: RedisQueue) -> float | None:
-    """a.test's tasks running, as the scripts count them (``n`` is 1 + that)."""
+    """a.test's tasks running, as the scripts count them (``n`` is 1 + that, + SETTLED
+    once its window reached the cap)."""
     n = await state(queue, "n")
-    return None if n is None else n - 1
+    return None if n is None else n % SETTLED - 1
 
 
 async def seed(queue: RedisQueue, key: str, seen_ms: int, **fields: float) -> None:
@@ -66,15 +68,15 @@ async def test_cap_holds_across_workers_and_other_domains_are_not_held_back(
 ) -> None:
     await polite(queue, settings, max_in_flight_per_domain=4, initial_window=2, adaptive=False)
     await queue.enqueue_many(on("a.test", 10))
-    # Slow start first: the initial window, then one more per success of a
-    # task that started beside another of its domain (a window in use).
-    alone, beside = await claim(queue)
-    await done(queue, "w1", alone)  # it started alone: the window stays 2
-    (second,) = await claim(queue, worker="w2")  # window 2, one still running
-    await done(queue, "w1", beside)
+    # Slow start first: the initial window, then one more per success.
+    first = await claim(queue)
+    assert len(first) == 2
+    await done(queue, "w1", first[0])
     assert len(await claim(queue, worker="w2")) == 2  # window 3, one still running
-    await done(queue, "w2", second)
-    assert len(await claim(queue, worker="w2")) == 2  # window 4, two still running
+    assert await state(queue, "n") < SETTLED
+    await done(queue, "w1", first[1])
+    assert await state(queue, "n") > SETTLED  # window 4, the cap: only the cap binds now
+    assert len(await claim(queue, worker="w2")) == 2  # two still running
     assert await claim(queue, worker="w2") == []  # four running: the cap
     free = await queue.enqueue_many(on("b.test", 3))
     later = await claim(queue, worker="w3")
@@ -158,6 +160,32 @@ async def test_429_halves_the_learned_rate_once_per_burst_and_clamps_retry_after
     assert domains["a.test"]["throttled_last_minute"] == 1
     assert domains["a.test"]["rate"] == 1.0
     assert domains["a.test"]["paused_for"] > 0
+
+
+async def test_a_429_sends_a_domain_past_its_slow_start_back_to_it(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    await polite(queue, settings, max_in_flight_per_domain=2, initial_window=1, adaptive=False)
+    await queue.enqueue_many(on("a.test", 6))
+    (first,) = await claim(queue)  # window 1
+    await done(queue, "w1", first)  # window 2, the cap
+    running = await claim(queue)
+    assert len(running) == 2
+    assert await state(queue, "n") > SETTLED  # only the cap binds: starts read nothing
+
+    await queue.store.release(
+        "w1",
+        [(running[0].request_id, running[0].attempt)],
+        reason="rate_limited",
+        pause_key=KEY,
+        pause=0.001,
+    )
+    await asyncio.sleep(0.05)  # the pause is over
+
+    assert await state(queue, "w") == 1  # halved
+    assert await state(queue, "n") < SETTLED
+    assert await in_flight(queue) == 1
+    assert await claim(queue) == []  # the window (1) holds: one still running
 
 
 async def test_successes_raise_a_learned_rate_up_to_the_configured_ceiling(

@@ -290,12 +290,12 @@ end
 --            (1/0), start_rate, min_rate, max_retry_after_ms
 --   gates    the gates zset: a slot given back makes K's gate due at once
 -- Each domain has a small hash of its own, domains .. ':' .. K (KeySpace.domain):
---     n  1 + the tasks of K running now, on every host (the in-flight cap
---        counts these; absent until K's first start, see take_slot)
+--     n  the tasks of K running now, on every host (the in-flight cap counts
+--        these), + 1 once K is known, + SETTLED once its window reached the
+--        cap (absent until K's first start; see take_slot)
 --     w  K's concurrency window, for a domain with no configured limit: the
 --        policy's `window` for one not seen before (slow start), +1 per
---        success of a task that started beside another of K, up to the cap,
---        halved when K answers 429/503
+--        success up to the cap, halved when K answers 429/503
 --     r  the rate learned for K (tasks/s) once it answered 429/503
 --     s  successes since r last changed
 --     d  when r last decayed (ms)
@@ -308,6 +308,9 @@ end
 -- A started task names the domain K whose slot it took in its record's `slot`
 -- field ('+K' while its success widens K's window or raises its learned rate,
 -- '' = none); free_slot() gives it back, once, on every path out of `running`.
+-- A start reads none of K's hash while K is settled (its window reached the
+-- cap, so only the cap binds) and has no learned rate: its in-flight HINCRBY
+-- returns all it needs. `n` carries the settled mark for that reason.
 local DOMAINS, POLICY, GATES_OF, PACED = nil, nil, nil, nil
 -- The policy fields, read once per script call and only by a call that needs
 -- them (a completion of tasks that hold no slot reads none).
@@ -340,6 +343,14 @@ end
 -- The hash of domain key K's state.
 local function domain_hash(key)
   return DOMAINS .. ':' .. key
+end
+
+-- The mark a domain's `n` carries once its window reached the cap (far above
+-- any count of tasks), and the tasks running that a stored `n` says.
+local SETTLED, SETTLED_TEXT = 1000000000, '1000000000'
+local function running_of(n)
+  n = tonumber(n) or 1
+  return math.max(0, (n > SETTLED and n - SETTLED or n) - 1)
 end
 
 -- The domains a claim saw (see try_start), K -> true: stamp_domains() writes
@@ -448,16 +459,48 @@ local function is_paced(key)
 end
 
 -- Take a slot of the domain whose hash is `hash`. Returns its tasks running
--- now, this one included, and whether this is the domain's first start (its
--- hash had no count: `n` is 1 + the tasks running once a domain is known,
--- so the one HINCRBY also says that). A count damaged from outside starts again.
+-- now, this one included, whether its window reached the cap (settled), and
+-- whether this is its first start (no count before). The one HINCRBY says
+-- all three (see `n` above). A count damaged from outside starts again.
 local function take_slot(hash)
   local n = redis.pcall('HINCRBY', hash, 'n', '1')
   if type(n) ~= 'number' or n == 1 then
     redis.call('HSET', hash, 'n', '2')
-    return 1, n == 1
+    return 1, false, n == 1
   end
-  return n - 1, false
+  local settled = n > SETTLED
+  return running_of(n), settled, false
+end
+
+-- The in-flight part of a start of a task of domain key K (its hash `hash`):
+-- takes a slot when K's cap and window have room, and returns 0 and the
+-- slot ('+K' when its success is to widen the window or raise the learned
+-- rate, nil when K has no cap), or returns when to look again (ms), taking
+-- nothing. `configured`: K's configured rate (a known site: no slow start);
+-- `window`, `learned`: K's, when already read. K's window is read only when
+-- the task would not be K's only one running (a window is never below 1).
+-- The index learns of K at its first start (stamp_domains).
+local function take_domain_slot(key, hash, configured, window, learned, now)
+  local cap = cap_of(key)
+  if cap <= 0 then
+    return 0, nil
+  end
+  local running, settled, first = take_slot(hash)
+  if first then
+    started_domains[key], started_any = true, true
+  end
+  -- A site with a configured limit is known: no slow start there.
+  local slow = not configured and not settled
+  if slow and running > 1 and not window then
+    window = window_of(redis.call('HGET', hash, 'w'))
+  end
+  if running > ((slow and running > 1) and math.min(cap, window) or cap) then
+    redis.pcall('HINCRBY', hash, 'n', '-1')
+    return now + CAP_RECHECK_MS, nil
+  end
+  -- '+': its success widens the window or raises a learned rate; otherwise
+  -- a completion reads nothing more.
+  return 0, (slow or (learned and ADAPTIVE)) and ('+' .. key) or key
 end
 
 -- Try to start a task with these rate keys now. Returns 0 and takes a start
@@ -466,12 +509,9 @@ end
 -- holds it back, taking nothing. `breaker_settings` is the hash with the
 -- circuit breaker's `failures` threshold and `cooldown_ms`.
 --
--- A domain's hash is read only when something in it can hold the task back:
--- its learned rate, when it has one (is_paced), and its window, when the task
--- would not be the domain's only one running (a window is never below 1).
--- Its in-flight count is taken last, when every other check passed, by the
--- HINCRBY that returns it; a task over the window or cap gives it back. So
--- a task of a domain with nothing learned costs one command here.
+-- A domain's hash is read for its learned rate only when it has one
+-- (is_paced); its slot is taken last, when every other check passed
+-- (take_domain_slot). A domain with nothing learned costs one command here.
 local function try_start(limits, state, paused, breaker, breaker_settings, keys, now)
   local wait, blocker = 0, nil
   local plans = nil  -- key, its new GCRA state, key, ...
@@ -513,36 +553,21 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
   if wait > 0 then
     return wait, blocker, nil
   end
-  local slot, first = nil, false
-  local cap = domain and cap_of(domain) or 0
-  if cap > 0 then
-    local running
-    running, first = take_slot(hash)
-    -- A site with a configured limit is known: no slow start there.
-    local narrow = not configured_here and running > 1
-    if narrow and not window then
-      window = window_of(redis.call('HGET', hash, 'w'))
+  local slot = nil
+  if domain then
+    local until_ms
+    until_ms, slot = take_domain_slot(domain, hash, configured_here, window, learned, now)
+    if until_ms > 0 then
+      return until_ms, domain, nil
     end
-    local room = narrow and math.min(cap, window) or cap
-    if running > room then
-      redis.pcall('HINCRBY', hash, 'n', '-1')
-      return now + CAP_RECHECK_MS, domain, nil
-    end
-    -- '+': its success widens a window in use (this task started beside
-    -- another, as TCP grows only a window it fills) or raises a learned rate;
-    -- otherwise a completion reads nothing more.
-    local grows = (narrow and window < cap) or (learned and ADAPTIVE)
-    slot = grows and ('+' .. domain) or domain
   end
   if plans then
     for i = 1, #plans, 2 do
       redis.call('HSET', state, plans[i], plans[i + 1])
     end
   end
-  -- The index learns of a domain at its first start; a paced domain's starts
-  -- keep its idle time (decay) exact. A plain domain's entry is refreshed by
-  -- the reaper while tasks of it run (prune_domains.lua): one command per start.
-  if first or learned then
+  -- A paced domain's starts keep its idle time (decay) exact in the index.
+  if learned then
     started_domains[domain], started_any = true, true
   end
   -- A key whose breaker is open lets this one task through as its probe and
@@ -606,12 +631,17 @@ local function free_slot(slot, now, success, limits)
   local left = redis.pcall('HINCRBY', hash, 'n', '-1')
   if type(left) ~= 'number' or left < 1 then
     redis.call('HSET', hash, 'n', '1')  -- damaged from outside: start again
+    left = 1
   end
   if success and grows then
     local d = redis.call('HMGET', hash, 'w', 'r')
-    local window = window_of(d[1])
-    if window < cap_of(key) then
-      redis.call('HSET', hash, 'w', window + 1)
+    local window, cap = window_of(d[1]), cap_of(key)
+    if window < cap then
+      window = window + 1
+      redis.call('HSET', hash, 'w', window)
+    end
+    if window >= cap and left <= SETTLED then
+      redis.pcall('HINCRBY', hash, 'n', SETTLED_TEXT)  -- the window reached the cap
     end
     if limits then
       learn_success(limits, key, d[2], now)
@@ -650,8 +680,11 @@ local function learn_throttle(limits, state, key, now, until_ms, reason)
     return nil
   end
   if cap_of(key) > 0 then
-    local window = window_of(redis.call('HGET', hash, 'w'))
-    redis.call('HSET', hash, 'w', math.max(1, math.floor(window / 2)))
+    local d = redis.call('HMGET', hash, 'w', 'n')
+    redis.call('HSET', hash, 'w', math.max(1, math.floor(window_of(d[1]) / 2)))
+    if num(d[2], 0) > SETTLED then
+      redis.pcall('HINCRBY', hash, 'n', '-' .. SETTLED_TEXT)  -- slow start again
+    end
   end
   if policy_num('adaptive', 0) ~= 1 then
     return nil

@@ -143,6 +143,11 @@ end
 -- Tasks that name a domain are also looked at when a cap or learned rates apply.
 local gating = redis.call('EXISTS', LIMITS, PAUSED) > 0
 local polite = policy('active') == '1'
+-- With no limits, pauses or breaker counts anywhere, only a task's domain can
+-- hold it back, through its slots, unless it has a learned rate: such a task
+-- takes its domain's slot without try_start's walk over every key (its
+-- domain is the first of its rate keys, actors/ratelimits.py).
+local plain = polite and not gating and not exists_now(BREAKER)
 local diverted = 0
 while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Redis long
   local wanted = count - claimed
@@ -156,8 +161,14 @@ while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Re
     if f[1] then  -- else the record is gone (purged): nothing to run
       local wait, blocker, slot = 0, nil, nil
       if f[3] and (gating or (polite and is_domain(f[3]))) and not expired(f[2]) then
-        wait, blocker, slot = try_start(
-          LIMITS, STATE, PAUSED, BREAKER, BREAKER_SETTINGS, split_keys(f[3]), now)
+        local domain = plain and string.match(f[3], '^%S+')
+        if domain and not is_paced(domain) then
+          wait, slot = take_domain_slot(domain, domain_hash(domain), nil, nil, nil, now)
+          blocker = domain
+        else
+          wait, blocker, slot = try_start(
+            LIMITS, STATE, PAUSED, BREAKER, BREAKER_SETTINGS, split_keys(f[3]), now)
+        end
       end
       if wait > 0 then
         enter_gate(GATES, KEYS[4], gate_prefix, blocker, id, popped[i + 1], wait)

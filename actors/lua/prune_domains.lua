@@ -39,7 +39,7 @@ end
 -- 1. Forget domains idle for forget_ms (none of their tasks running).
 local forgotten = 0
 for _, key in ipairs(idle_since(now - forget_ms, 0)) do
-  if num(redis.call('HGET', hash_of(key), 'n'), 0) > 1 then  -- n: 1 + running (_lib.lua)
+  if running_of(redis.call('HGET', hash_of(key), 'n')) > 0 then
     redis.pcall('ZADD', INDEX, now, key)  -- running now: not idle
   else
     redis.call('DEL', hash_of(key))
@@ -58,7 +58,7 @@ for _, key in ipairs(idle) do
   local hash = hash_of(key)
   local d = redis.call('HMGET', hash, 'r', 'd', 'n')
   local learned = tonumber(d[1])
-  if learned and num(d[3], 0) <= 1 and now - num(d[2], 0) > decay_ms then
+  if learned and running_of(d[3]) == 0 and now - num(d[2], 0) > decay_ms then
     local ceiling = tonumber(redis.call('HGET', LIMITS, key))
       or tonumber(redis.call('HGET', LIMITS, 'default_domain'))
     local rate = learned * 2

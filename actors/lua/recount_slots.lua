@@ -11,7 +11,8 @@
 -- KEYS[4] guard    never exists: refuses the call while the slot migrates (keys.py)
 -- ARGV: only the shared context (ARGV[1..4]; the task key prefix finds each slot)
 --
--- A domain's `n` is 1 + its tasks running (_lib.lua, take_slot). A domain with
+-- A domain's `n` is 1 + its tasks running, + SETTLED once its window reached
+-- the cap (_lib.lua, take_slot); the mark is kept. A domain with
 -- tasks running is put in the index if it is not there (its first start's
 -- entry is written with pcall, so it could be missing).
 -- Returns the number of domains whose count was wrong.
@@ -45,8 +46,8 @@ end
 local fixed, freed = 0, 0
 for key, running in pairs(counts) do
   local hash = KEYS[2] .. ':' .. key
-  local count = running + 1
   local stored = num(redis.call('HGET', hash, 'n'), -1)
+  local count = running + 1 + (stored > SETTLED and SETTLED or 0)
   if stored ~= count then
     redis.call('HSET', hash, 'n', count)
     fixed = fixed + 1
