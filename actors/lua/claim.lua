@@ -147,7 +147,9 @@ local polite = policy('active') == '1'
 -- hold it back, through its slots, unless it has a learned rate: such a task
 -- takes its domain's slot without try_start's walk over every key (its
 -- domain is the first of its rate keys, actors/ratelimits.py).
-local plain = polite and not gating and not exists_now(BREAKER)
+local function plain_domain(rate_keys)
+  return not gating and not exists_now(BREAKER) and string.match(rate_keys, '^%S+')
+end
 local diverted = 0
 while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Redis long
   local wanted = count - claimed
@@ -161,7 +163,7 @@ while claimed < count and diverted < 1000 do  -- bounded: a call never blocks Re
     if f[1] then  -- else the record is gone (purged): nothing to run
       local wait, blocker, slot = 0, nil, nil
       if f[3] and (gating or (polite and is_domain(f[3]))) and not expired(f[2]) then
-        local domain = plain and string.match(f[3], '^%S+')
+        local domain = plain_domain(f[3])
         if domain and not is_paced(domain) then
           wait, slot = take_domain_slot(domain, domain_hash(domain), nil, nil, nil, now)
           blocker = domain
