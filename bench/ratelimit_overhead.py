@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.models import ScrapingRequest
@@ -75,7 +76,11 @@ async def claim_until_empty(queue: RedisQueue, worker: str) -> int:
         done += len(leases)
 
 
-async def measure(url: str, setup: str, tasks: int, claimers: int) -> Sample:
+async def measure(
+    url: str, setup: str, tasks: int, claimers: int, watch: Callable[[bool], None] | None = None
+) -> Sample:
+    """One run of ``setup``; ``watch(True)`` is called as dispatch starts, ``watch(False)`` as
+    it ends (bench/instructions.py counts Redis's instructions in between)."""
     limits = SETUPS[setup]
     settings = Settings.model_validate(
         {
@@ -103,11 +108,15 @@ async def measure(url: str, setup: str, tasks: int, claimers: int) -> Sample:
         enqueue_s = time.perf_counter() - started
 
         cpu = await redis_cpu(queue)
+        if watch:
+            watch(True)
         started = time.perf_counter()
         counts = await asyncio.gather(
             *(claim_until_empty(queue, f"bench-{n}") for n in range(claimers))
         )
         dispatch_s = time.perf_counter() - started
+        if watch:
+            watch(False)
         cpu = await redis_cpu(queue) - cpu
 
         completed = (await TaskManager(queue).queue_stats())["completed"]

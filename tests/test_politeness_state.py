@@ -86,6 +86,21 @@ async def test_cap_holds_across_workers_and_other_domains_are_not_held_back(
     assert await admin(queue).zscore(queue.keys.domains, KEY)  # indexed at its first start
 
 
+async def test_one_claim_of_thousands_of_new_domains_indexes_every_one(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    await polite(queue, settings)
+    await queue.enqueue_many(
+        [
+            ScrapingRequest(script_name="echo", parameters={"url": f"http://d{i}.test/"})
+            for i in range(2500)
+        ]
+    )
+
+    assert len(await claim(queue, 2500)) == 2500
+    assert await admin(queue).zcard(queue.keys.domains) == 2500
+
+
 async def test_a_domains_own_cap_overrides_the_default(
     settings: Settings, queue: RedisQueue
 ) -> None:

@@ -366,8 +366,14 @@ local function stamp_domains(now)
   for key in pairs(started_domains) do
     args[#args + 1] = at
     args[#args + 1] = key
+    if #args == 2000 then  -- unpack has a limit: 1,000 domains per ZADD
+      redis.pcall('ZADD', DOMAINS, unpack(args))  -- the index only times pruning: never abort
+      args = {}
+    end
   end
-  redis.pcall('ZADD', DOMAINS, unpack(args))  -- the index only times pruning: never abort
+  if #args > 0 then
+    redis.pcall('ZADD', DOMAINS, unpack(args))
+  end
   started_domains, started_any = {}, false
 end
 
