@@ -259,6 +259,23 @@ async def test_idle_domains_decay_then_are_forgotten_and_no_hash_keeps_them(
     assert cursors == "0 0 0"
 
 
+async def test_a_limited_domain_in_use_is_not_forgotten_between_its_tasks(
+    settings: Settings, queue: RedisQueue
+) -> None:
+    """Its GCRA state must stay while it is used: a forgotten one would admit a new burst."""
+    await polite(queue, settings)
+    await queue.store.set_limits(derive(settings, rate_limits={KEY: 1000.0}))
+    await seed(queue, KEY, 1)  # known, last seen long ago
+    await queue.enqueue_many(on("a.test", 1))
+    (lease,) = await claim(queue)
+    await done(queue, "w1", lease)  # none of its tasks runs now
+
+    _, forgotten = await queue.store.prune_domains("0 0 0", 100, 60, 3600)
+
+    assert forgotten == 0
+    assert await admin(queue).hexists(queue.keys.rate_state, KEY)
+
+
 async def test_a_drifted_in_flight_count_is_recounted_from_the_running_tasks(
     settings: Settings, queue: RedisQueue
 ) -> None:

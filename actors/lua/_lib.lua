@@ -279,10 +279,12 @@ end
 
 -- Politeness (docs/rate-limits.md). The scripts that start or end tasks name
 -- three more keys and hand them to use_domains() first:
---   domains  zset: domain rate key K -> when K was last seen (ms): its first
---            start, its last 429/503, each start while it has a learned
---            rate, and, while tasks of K run, the reaper's walk; the index
---            the reaper walks to decay and forget idle domains (prune_domains.lua)
+--   domains  zset: domain rate key K -> when K was last seen (ms): its last
+--            start, its last 429/503, and, while tasks of K run, the reaper's
+--            walk; but a start on claim's fast path (no limits, pauses or
+--            breaker counts anywhere, nothing learned) stamps only K's first
+--            one. The index the reaper walks to decay and forget idle
+--            domains (prune_domains.lua)
 --   policy   hash: active (1: a cap or adaptive applies, so claim looks at
 --            every task that names a domain), cap (tasks of one domain
 --            running at once, 0 = none), capped (1: some domain has its own),
@@ -572,8 +574,10 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
       redis.call('HSET', state, plans[i], plans[i + 1])
     end
   end
-  -- A paced domain's starts keep its idle time (decay) exact in the index.
-  if learned then
+  -- Here a domain may hold more than its window (a learned rate, a GCRA
+  -- state, breaker counts): each start keeps its idle time exact in the index,
+  -- so none of it is forgotten while the domain is in use.
+  if domain then
     started_domains[domain], started_any = true, true
   end
   -- A key whose breaker is open lets this one task through as its probe and
