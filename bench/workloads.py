@@ -28,6 +28,7 @@ from bench.common import (
     Traffic,
     UnsupportedError,
     WorkerLayout,
+    drain,
     percentile,
 )
 from bench.scrapeq_adapter import ScrapeqAdapter
@@ -120,30 +121,17 @@ async def dispatch(
         workers = adapter.start_workers(layout, processes)
         cell.notes["workers"] = workers.description
         try:
-            deadline = started + max(60.0, tasks / 100)
-            first_at, first_done = 0.0, 0
-            while True:
-                done = await adapter.done_count(handles)
-                now = time.perf_counter()
-                if done and not first_at:
-                    first_at, first_done = now, done
-                if done >= tasks:
-                    break
-                if now > deadline:
-                    raise TimeoutError(
-                        f"only {done} of {tasks} tasks done after {now - started:.0f} s"
-                    )
-                workers.check_alive()
-                await asyncio.sleep(poll)
+            drained = await drain(
+                lambda: adapter.done_count(handles), tasks, started, workers, poll
+            )
             traffic = await probe.traffic(adapter.harness.since(before))
             rss, processes = workers.rss()
         finally:
             workers.stop()
         await adapter.verify(kind, handles)
-    steady = (tasks - first_done) / (now - first_at) if now > first_at and tasks > first_done else 0
-    cell.metrics["spawn_tps"] = tasks / (now - started)
-    cell.metrics["steady_tps"] = steady or cell.metrics["spawn_tps"]
-    cell.metrics["startup_s"] = first_at - started
+    cell.metrics["spawn_tps"] = drained.spawn_tps(tasks)
+    cell.metrics["steady_tps"] = drained.steady_tps(tasks)
+    cell.metrics["startup_s"] = drained.first_at - started
     cell.metrics["rss_mib"] = rss / MIB
     cell.metrics["processes"] = processes
     if kind == "sleep":
