@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from actors import redis_errors
 from actors.calls import Calls
 from actors.connection import open_calls, translated_errors
 from actors.exceptions import (
@@ -618,9 +619,19 @@ class TaskManager:
                 await connection.execute("ZRANGE", keys.domains, 0, -1) if _is_zset(kind) else []
             )
             fields = FIELDS_OF_DOMAIN
-            states = await connection.execute_many(
-                *(("HMGET", keys.domain(name.decode()), *fields) for name in names)
+            replies = await asyncio.gather(
+                *(connection.execute("HMGET", keys.domain(n.decode()), *fields) for n in names),
+                return_exceptions=True,
             )
+            # A domain's hash of another type (written from outside) shows as empty.
+            states: list[Any] = []
+            for reply in replies:
+                if isinstance(reply, redis_errors.ResponseError):
+                    states.append([None] * len(fields))
+                elif isinstance(reply, BaseException):
+                    raise reply
+                else:
+                    states.append(reply)
         now_ms = time_ms(time)
         configured = {
             k.decode(): rate

@@ -357,6 +357,27 @@ async def test_claim_and_reports_with_damaged_politeness_state_lose_no_task(
     assert await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)
 
 
+async def test_a_domain_hash_of_another_type_aborts_no_claim_completion_or_status(
+    settings: Settings, queue: RedisQueue, manager: TaskManager
+) -> None:
+    """A domain's hash replaced from outside by another type reads as empty: a claim
+    aborted half-way would leave the task it popped in no set."""
+    await queue.store.set_limits(settings)
+    await queue.enqueue_many([request(parameters={"url": "https://a.test/"}) for _ in range(3)])
+    await admin(queue).set(queue.keys.domain("domain:a.test"), "not a hash")
+    await admin(queue).zadd(queue.keys.domains, {"domain:a.test": 1})  # indexed before
+
+    claimed = (await queue.store.claim("w1", 3)).leases
+    await queue.store.complete(
+        "w1", [Completion(lease.request_id, lease.attempt, "1", 0.1) for lease in claimed]
+    )
+
+    assert len(claimed) == 3
+    assert await orphans(queue) == []
+    assert (await manager.queue_stats())["completed"] == 3
+    assert [domain["domain"] for domain in await manager.domains()] == ["a.test"]
+
+
 async def test_a_damaged_politeness_index_aborts_no_script_and_no_status(
     settings: Settings, queue: RedisQueue, manager: TaskManager
 ) -> None:

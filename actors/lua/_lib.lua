@@ -313,6 +313,9 @@ end
 -- A start reads none of K's hash while K is settled (its window reached the
 -- cap, so only the cap binds) and has no learned rate: its in-flight HINCRBY
 -- returns all it needs. `n` carries the settled mark for that reason.
+-- Every call on a domain's hash is a pcall: a hash damaged from outside (a
+-- field, or the key of another type) must not abort a claim half-way, which
+-- would leave the task it popped in no set; it reads as empty instead.
 local DOMAINS, POLICY, GATES_OF, PACED = nil, nil, nil, nil
 -- The policy fields, read once per script call and only by a call that needs
 -- them (a completion of tasks that hold no slot reads none).
@@ -357,11 +360,11 @@ end
 
 -- The domains a claim saw (see try_start), K -> true: stamp_domains() writes
 -- them to the index once, at the end of the call (one ZADD, not one per task).
-local started_domains, started_any = {}, false
+local started_domains = {}
 
 -- Record in the index that the domains this claim saw were seen now.
 local function stamp_domains(now)
-  if not started_any then
+  if next(started_domains) == nil then
     return
   end
   local args, at = {}, tostring(now)
@@ -376,7 +379,7 @@ local function stamp_domains(now)
   if #args > 0 then
     redis.pcall('ZADD', DOMAINS, unpack(args))
   end
-  started_domains, started_any = {}, false
+  started_domains = {}
 end
 
 local function is_domain(key)
@@ -472,8 +475,8 @@ end
 -- all three (see `n` above). A count damaged from outside starts again.
 local function take_slot(hash)
   local n = redis.pcall('HINCRBY', hash, 'n', '1')
-  if type(n) ~= 'number' or n == 1 then
-    redis.call('HSET', hash, 'n', '2')
+  if type(n) ~= 'number' or n <= 1 then
+    redis.pcall('HSET', hash, 'n', '2')
     return 1, false, n == 1
   end
   local settled = n > SETTLED
@@ -495,12 +498,12 @@ local function take_domain_slot(key, hash, configured, window, learned, now)
   end
   local running, settled, first = take_slot(hash)
   if first then
-    started_domains[key], started_any = true, true
+    started_domains[key] = true
   end
   -- A site with a configured limit is known: no slow start there.
   local slow = not configured and not settled
   if slow and running > 1 and not window then
-    window = window_of(redis.call('HGET', hash, 'w'))
+    window = window_of(redis.pcall('HGET', hash, 'w'))
   end
   if running > ((slow and running > 1) and math.min(cap, window) or cap) then
     redis.pcall('HINCRBY', hash, 'n', '-1')
@@ -536,7 +539,7 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
       if DOMAINS and is_domain(key) then
         domain, hash = key, domain_hash(key)
         if is_paced(key) then
-          local d = redis.call('HMGET', hash, 'w', 'r')
+          local d = redis.pcall('HMGET', hash, 'w', 'r')
           window, known = window_of(d[1]), d[2]
         end
       end
@@ -578,7 +581,7 @@ local function try_start(limits, state, paused, breaker, breaker_settings, keys,
   -- state, breaker counts): each start keeps its idle time exact in the index,
   -- so none of it is forgotten while the domain is in use.
   if domain then
-    started_domains[domain], started_any = true, true
+    started_domains[domain] = true
   end
   -- A key whose breaker is open lets this one task through as its probe and
   -- stays paused until the probe reports (success resumes it, failure re-opens).
@@ -614,11 +617,11 @@ local function learn_success(limits, key, learned, now)
   local ceiling = configured_rate(limits, key) or MAX_LEARNED_RATE
   local rate = learned + math.max(learned / 10, policy_num('min_rate', 0.05))
   if rate >= ceiling then
-    redis.call('HDEL', hash, 'r', 's', 'd')
+    redis.pcall('HDEL', hash, 'r', 's', 'd')
     redis.pcall('SREM', PACED, key)  -- the set only saves reads: never abort
     emit('rate.adjusted', now, {key = key, rate = configured_rate(limits, key), reason = 'restored'})
   else
-    redis.call('HSET', hash, 'r', rate, 's', 0)
+    redis.pcall('HSET', hash, 'r', rate, 's', 0)
     emit('rate.adjusted', now, {key = key, rate = rate, reason = 'increased'})
   end
 end
@@ -640,15 +643,15 @@ local function free_slot(slot, now, success, limits)
   local hash = domain_hash(key)
   local left = redis.pcall('HINCRBY', hash, 'n', '-1')
   if type(left) ~= 'number' or left < 1 then
-    redis.call('HSET', hash, 'n', '1')  -- damaged from outside: start again
+    redis.pcall('HSET', hash, 'n', '1')  -- damaged from outside: start again
     left = 1
   end
   if success and grows then
-    local d = redis.call('HMGET', hash, 'w', 'r')
+    local d = redis.pcall('HMGET', hash, 'w', 'r')
     local window, cap = window_of(d[1]), cap_of(key)
     if window < cap then
       window = window + 1
-      redis.call('HSET', hash, 'w', window)
+      redis.pcall('HSET', hash, 'w', window)
     end
     if window >= cap and left <= SETTLED then
       redis.pcall('HINCRBY', hash, 'n', SETTLED_TEXT)  -- the window reached the cap
@@ -676,13 +679,14 @@ end
 local THROTTLE_ROUND_MS = 1000
 local function learn_throttle(limits, state, key, now, until_ms, reason)
   local hash = domain_hash(key)
-  local recent = split_keys(redis.call('HGET', hash, 'x'))
+  local answers = redis.pcall('HGET', hash, 'x')
+  local recent = split_keys(type(answers) == 'string' and answers or '')
   local previous = num(recent[#recent], 0)
   recent[#recent + 1] = tostring(now)
   while #recent > 16 do
     table.remove(recent, 1)
   end
-  redis.call('HSET', hash, 'x', table.concat(recent, ' '))
+  redis.pcall('HSET', hash, 'x', table.concat(recent, ' '))
   redis.pcall('ZADD', DOMAINS, now, key)  -- the index only times pruning: never abort
   -- Answers to requests sent together (up to the window) arrive together:
   -- like TCP's one decrease per round trip, they count as one signal.
@@ -690,8 +694,8 @@ local function learn_throttle(limits, state, key, now, until_ms, reason)
     return nil
   end
   if cap_of(key) > 0 then
-    local d = redis.call('HMGET', hash, 'w', 'n')
-    redis.call('HSET', hash, 'w', math.max(1, math.floor(window_of(d[1]) / 2)))
+    local d = redis.pcall('HMGET', hash, 'w', 'n')
+    redis.pcall('HSET', hash, 'w', math.max(1, math.floor(window_of(d[1]) / 2)))
     if num(d[2], 0) > SETTLED then
       redis.pcall('HINCRBY', hash, 'n', '-' .. SETTLED_TEXT)  -- slow start again
     end
@@ -699,12 +703,12 @@ local function learn_throttle(limits, state, key, now, until_ms, reason)
   if policy_num('adaptive', 0) ~= 1 then
     return nil
   end
-  local current = tonumber(redis.call('HGET', hash, 'r'))
+  local current = tonumber(redis.pcall('HGET', hash, 'r'))
     or configured_rate(limits, key)
   local floor = policy_num('min_rate', 0.05)
   local rate = current and math.max(floor, current / 2) or math.max(floor, policy_num('start_rate', 1))
-  redis.call('HSET', hash, 'r', rate, 's', 0)
-  redis.call('HDEL', hash, 'd')
+  redis.pcall('HSET', hash, 'r', rate, 's', 0)
+  redis.pcall('HDEL', hash, 'd')
   redis.pcall('SADD', PACED, key)  -- never abort (a set damaged from outside)
   exists[PACED] = true
   local interval = 1000 / rate

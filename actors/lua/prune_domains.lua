@@ -39,7 +39,7 @@ end
 -- 1. Forget domains idle for forget_ms (none of their tasks running).
 local forgotten = 0
 for _, key in ipairs(idle_since(now - forget_ms, 0)) do
-  if running_of(redis.call('HGET', hash_of(key), 'n')) > 0 then
+  if running_of(redis.pcall('HGET', hash_of(key), 'n')) > 0 then
     redis.pcall('ZADD', INDEX, now, key)  -- running now: not idle
   else
     redis.call('DEL', hash_of(key))
@@ -56,18 +56,18 @@ local offset = num(cursors[1], 0)
 local idle = idle_since(now - decay_ms, offset)
 for _, key in ipairs(idle) do
   local hash = hash_of(key)
-  local d = redis.call('HMGET', hash, 'r', 'd', 'n')
+  local d = redis.pcall('HMGET', hash, 'r', 'd', 'n')  -- damaged: reads as empty
   local learned = tonumber(d[1])
   if learned and running_of(d[3]) == 0 and now - num(d[2], 0) > decay_ms then
     local ceiling = tonumber(redis.call('HGET', LIMITS, key))
       or tonumber(redis.call('HGET', LIMITS, 'default_domain'))
     local rate = learned * 2
     if rate >= (ceiling or 1000) then
-      redis.call('HDEL', hash, 'r', 's', 'd')
+      redis.pcall('HDEL', hash, 'r', 's', 'd')
       redis.pcall('SREM', PACED, key)
       emit('rate.adjusted', now, {key = key, rate = ceiling, reason = 'restored'})
     else
-      redis.call('HSET', hash, 'r', rate, 'd', now)
+      redis.pcall('HSET', hash, 'r', rate, 'd', now)
       emit('rate.adjusted', now, {key = key, rate = rate, reason = 'decayed'})
     end
   end

@@ -46,10 +46,10 @@ end
 local fixed, freed = 0, 0
 for key, running in pairs(counts) do
   local hash = KEYS[2] .. ':' .. key
-  local stored = num(redis.call('HGET', hash, 'n'), -1)
+  local stored = num(redis.pcall('HGET', hash, 'n'), -1)  -- damaged: reads as wrong
   local count = running + 1 + (stored > SETTLED and SETTLED or 0)
   if stored ~= count then
-    redis.call('HSET', hash, 'n', count)
+    redis.pcall('HSET', hash, 'n', count)
     fixed = fixed + 1
     if stored > count and num(redis.call('ZSCORE', KEYS[3], key), 0) > now then
       redis.call('ZADD', KEYS[3], 'XX', now, key)
