@@ -173,8 +173,18 @@ def started_masters(folder: Path, size: int) -> Iterator[ClusterTopology]:
             zip(masters, slot_ranges(size), strict=True)
         ):
             with topology.client(server) as client:
-                client.execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))
-                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+                _converge(
+                    client,
+                    ("CLUSTER", "ADDSLOTS", *range(first, last + 1)),
+                    "cluster_slots_assigned",
+                    last - first + 1,
+                )
+                _converge(
+                    client,
+                    ("CLUSTER", "SET-CONFIG-EPOCH", index + 1),
+                    "cluster_my_epoch",
+                    index + 1,
+                )
         with topology.client(masters[0]) as client:
             for server in masters[1:]:
                 client.execute_command("CLUSTER", "MEET", "127.0.0.1", server.port)
@@ -187,13 +197,31 @@ def started_masters(folder: Path, size: int) -> Iterator[ClusterTopology]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _cluster_info(client: redis.Redis) -> dict[str, str]:
+    info = client.execute_command("CLUSTER", "INFO").decode()
+    return dict(line.split(":", 1) for line in info.split() if ":" in line)
+
+
+def _converge(client: redis.Redis, command: tuple[object, ...], field: str, wanted: int) -> None:
+    """Run a join step that Redis refuses twice, and accept its refusal once the step holds.
+
+    redis-py sends a command again when its reply is late (a node's fsync of
+    nodes.conf on a loaded box), and the repeat of ``ADDSLOTS`` or
+    ``SET-CONFIG-EPOCH`` is refused although the first one went through.
+    """
+    try:
+        client.execute_command(*command)
+    except redis.ResponseError:
+        if _cluster_info(client).get(field) != str(wanted):
+            raise
+
+
 def _wait_joined(topology: ClusterTopology, size: int, timeout: float = 30) -> None:
     """Until every master knows every node and sees every slot assigned."""
 
     def joined(server: RedisServer) -> bool:
         with topology.client(server) as client:
-            info = client.execute_command("CLUSTER", "INFO").decode()
-        fields = dict(line.split(":", 1) for line in info.split() if ":" in line)
+            fields = _cluster_info(client)
         return (
             fields.get("cluster_known_nodes") == str(size)
             and fields.get("cluster_slots_assigned") == str(SLOTS)
