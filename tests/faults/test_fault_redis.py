@@ -177,6 +177,16 @@ async def long_outage(redis_server: RedisServer, workdir: Path, seconds: float) 
     assert set(outcomes.values()) == {TaskStatus.COMPLETED}
 
 
+@pytest.mark.timeout(240)  # the outage alone is 40 s
+async def test_redis_stopped_40_s_under_load_loses_nothing_and_needs_no_operator(
+    redis_server: RedisServer, redis_url: str, tmp_path: Path
+) -> None:
+    """The default suite's long outage: past the unit's WatchdogSec (30 s) and every
+    retry and health check; 90 s and 5 minutes are in the slow group."""
+    await long_outage(redis_server, tmp_path, 40.0)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)  # the outage alone is 90 s
 async def test_redis_stopped_90_s_under_load_loses_nothing_and_needs_no_operator(
     redis_server: RedisServer, redis_url: str, tmp_path: Path
