@@ -197,9 +197,14 @@ def started_masters(folder: Path, size: int) -> Iterator[ClusterTopology]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def cluster_info_fields(reply: object) -> dict[str, str]:
+    """The ``field:value`` lines of a ``CLUSTER INFO`` reply."""
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
 def _cluster_info(client: redis.Redis) -> dict[str, str]:
-    info = client.execute_command("CLUSTER", "INFO").decode()
-    return dict(line.split(":", 1) for line in info.split() if ":" in line)
+    return cluster_info_fields(client.execute_command("CLUSTER", "INFO"))
 
 
 def _converge(client: redis.Redis, command: tuple[object, ...], field: str, wanted: int) -> None:
@@ -390,9 +395,7 @@ async def bus_publishes(probe: RedisProbe) -> int:
     if not info.get("cluster_enabled"):
         return 0
     raw = await probe.client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
-    return int(fields.get("cluster_stats_messages_publish_received", 0))
+    return int(cluster_info_fields(raw).get("cluster_stats_messages_publish_received", 0))
 
 
 async def verify(queue: RedisQueue, result: Measurement, ids: Sequence[str]) -> None:
