@@ -402,3 +402,25 @@ async def test_a_damaged_politeness_index_aborts_no_script_and_no_status(
     assert await orphans(queue) == []
     assert await queue.store.prune_domains("0 0 0", 100, 0.001, 0.001)
     assert await manager.domains() == []
+
+
+async def test_a_politeness_policy_of_another_type_aborts_no_claim_or_report(
+    settings: Settings, queue: RedisQueue, manager: TaskManager
+) -> None:
+    """The policy hash replaced from outside reads as no politeness: a completion or
+    failure that had already moved its task must not abort on it half-way."""
+    await queue.store.set_limits(settings)
+    ids = await queue.enqueue_many(
+        [request(parameters={"url": "https://a.test/"}, max_retries=0) for _ in range(3)]
+    )
+    first = (await queue.store.claim("w1", 2)).leases
+    await admin(queue).set(queue.keys.politeness, "not a hash")
+
+    await queue.store.complete("w1", [Completion(first[0].request_id, first[0].attempt, "1", 0.1)])
+    await queue.store.fail("w1", first[1].request_id, first[1].attempt, "x", permanent=True)
+    last = (await queue.store.claim("w1", 1)).leases
+
+    assert [lease.request_id for lease in last] == [ids[2]]
+    assert await orphans(queue) == []
+    stats = await manager.queue_stats()
+    assert (stats["completed"], stats["failed"], stats["running"]) == (1, 1, 1)

@@ -330,11 +330,16 @@ local function use_domains(domains, policy_key, gates)
   DOMAINS, POLICY, GATES_OF, PACED = domains, policy_key, gates, domains .. ':paced'
 end
 
--- A policy field as stored (nil when absent).
+-- A policy field as stored (nil when absent). A policy hash damaged from
+-- outside (another type) reads as empty, no politeness: a completion reads it
+-- after its first write and must not abort half-way; set_limits rewrites it.
 local function policy(field)
   if not policy_values then
     policy_values = {}
-    local values = redis.call('HMGET', POLICY, unpack(POLICY_FIELDS))
+    local values = redis.pcall('HMGET', POLICY, unpack(POLICY_FIELDS))
+    if values.err then
+      values = {}
+    end
     for i, name in ipairs(POLICY_FIELDS) do
       policy_values[name] = values[i]
     end
